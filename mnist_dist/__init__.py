@@ -1,0 +1,7 @@
+"""mnist-dist: the classic MNIST feed-forward tutorial as a toolkit that runs unchanged on a laptop CPU,
+one or many GPUs, many nodes and SLURM clusters.
+
+Importing the package is cheap on purpose (no torch): the CLI's start-up depends on it.
+"""
+
+__version__ = "0.1.0"

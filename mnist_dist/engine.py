@@ -1,0 +1,273 @@
+"""The training engine: the one place that talks to Accelerate (device, processes, precision, trackers).
+
+The tutorial's `evaluate` and `fit` live here, written once for every topology: one CPU process, one
+GPU, N processes on a node, N nodes. Per step there is no host sync: metrics are accumulated on the
+device and read once per epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+
+from mnist_dist import data, tracking
+from mnist_dist.config import TrainConfig
+from mnist_dist.errors import UserError
+from mnist_dist.model import MnistModel
+
+
+def _accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for but no GPU is visible; use --device auto or cpu")
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("precision 'fp16' needs a GPU (no fp16 autocast on CPU); use --precision bf16 or no")
+    log_with = [] if cfg.tracker == "none" else [cfg.tracker]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Accelerator(
+            # Without cpu=True, a CPU-only `accelerate launch --multi_gpu` run would report 1 process.
+            cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
+            mixed_precision=cfg.precision,
+            log_with=log_with,
+            project_config=ProjectConfiguration(
+                project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
+            ),
+        )
+
+
+class Engine:
+    """Owns the Accelerator; everything that depends on the device or the process count goes through it."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.accelerator = _accelerator(cfg, run_dir)
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        if cfg.batch_size % self.world:
+            raise UserError(
+                f"batch_size {cfg.batch_size} is not divisible by the {self.world} processes; "
+                f"use a multiple of {self.world} so every process takes an equal share"
+            )
+        self.wandb_mode: str | None = None
+        set_seed(cfg.seed)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def print(self, *args: Any) -> None:
+        self.accelerator.print(*args, flush=True)
+
+    # --- data and model ---------------------------------------------------------------------------
+
+    def load_data(self, train: bool = True) -> data.MnistSplit:
+        """MNIST prepared once per node (the others wait), loaded onto this process's device."""
+        data_dir = self.cfg.data_dir()
+        failure: UserError | None = None
+        with self.accelerator.local_main_process_first():
+            try:
+                root = data.prepare(data_dir, self.cfg.data.source, log=self.print)
+            except UserError as e:
+                failure = e  # raised after the barrier, so the waiting processes are released
+        if failure is not None:
+            raise failure
+        return data.load(root, train=train).to(self.device)
+
+    def loaders(
+        self, train: data.MnistSplit, val: data.MnistSplit
+    ) -> tuple[data.ShardedBatches, data.ShardedBatches]:
+        """Training and validation batches, each global batch cut into this process's share.
+
+        Not Accelerate's prepared DataLoader: its split_batches mode pads the last global batch, so
+        2 processes would train on 25,024 samples an epoch instead of 25,000 and drift from 1 process.
+        """
+        train_batches = data.ShardedBatches(
+            train, self.cfg.batch_size, rank=self.rank, world=self.world, shuffle=True, seed=self.cfg.seed
+        )
+        val_batches = data.ShardedBatches(val, self.cfg.val_batch_size, rank=self.rank, world=self.world)
+        return train_batches, val_batches
+
+    def prepare(self, model: MnistModel, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.core: MnistModel = self.accelerator.unwrap_model(self.model)
+        return self.model, self.optimizer
+
+    # --- the tutorial's evaluate and fit --------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, val: data.ShardedBatches) -> dict[str, float]:
+        """Exact mean loss and accuracy over every validation sample, whatever the process count."""
+        self.model.eval()
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, samples
+        for xb, yb, _ in val:
+            loss, correct = self.core.validation_step(self.model(xb), yb)
+            totals[0] += loss
+            totals[1] += correct
+            totals[2] += yb.shape[0]
+        loss_sum, correct, n = self.accelerator.reduce(totals, reduction="sum").tolist()
+        return {"val_loss": loss_sum / n, "val_acc": correct / n, "n_val_samples": int(n)}
+
+    def fit(
+        self,
+        epochs: int,
+        lr: float,
+        train: data.ShardedBatches,
+        val: data.ShardedBatches,
+        *,
+        phase: int,
+        first_epoch: int,
+        on_epoch: Callable[[dict[str, Any]], None],
+    ) -> list[dict[str, Any]]:
+        """`epochs` epochs of SGD at `lr`; returns one history entry per epoch."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        history = []
+        for epoch in range(first_epoch, first_epoch + epochs):
+            start = time.perf_counter()
+            train.set_epoch(epoch)
+            train_loss = self._train_epoch(train, epoch)
+            entry = {
+                "phase": phase,
+                "epoch": epoch,
+                "lr": lr,
+                **self.evaluate(val),
+                "train_loss": train_loss,
+                "seconds": round(time.perf_counter() - start, 4),
+            }
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(
+                    f"training loss is {train_loss} in phase {phase}, epoch {epoch}, lr {lr}"
+                )
+            history.append(entry)
+            on_epoch(entry)
+        return history
+
+    def _train_epoch(self, train: data.ShardedBatches, epoch: int) -> float:
+        model, optimizer, core, accelerator = self.model, self.optimizer, self.core, self.accelerator
+        model.train()
+        k = self.cfg.grad_accum
+        sizes = train.global_sizes()
+        # Each process scales its summed loss by world / (samples in the optimizer step), so the
+        # gradient averaged across processes is the exact mean over the global batch, short or full.
+        window = [sum(sizes[i - i % k : i - i % k + k]) for i in range(len(sizes))]
+        scales = [self.world / w for w in window]
+        last = len(sizes) - 1
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (xb, yb, _) in enumerate(self._progress(train, epoch)):
+            steps_now = k == 1 or (i + 1) % k == 0 or i == last
+            # Skip the gradient all-reduce on micro-batches that do not end an optimizer step.
+            with contextlib.nullcontext() if steps_now else accelerator.no_sync(model):
+                loss = core.training_step(model(xb), yb)
+                accelerator.backward(loss * scales[i])
+            loss_sum += loss.detach()
+            if steps_now:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        totals = accelerator.reduce(loss_sum.double(), reduction="sum")
+        return totals.item() / sum(sizes)
+
+    def _progress(self, batches: data.ShardedBatches, epoch: int) -> Any:
+        show = {"on": True, "off": False, "auto": sys.stdout.isatty()}[self.cfg.progress]
+        if not (show and self.is_main):
+            return batches
+        from tqdm.auto import tqdm
+
+        return tqdm(batches, total=len(batches), desc=f"epoch {epoch}", leave=False, mininterval=0.5)
+
+    # --- facts, trackers, cleanup -----------------------------------------------------------------
+
+    def facts(self, train: data.ShardedBatches) -> dict[str, Any]:
+        """World size, device, precision and where each rank ran: computed on all ranks, for run.json."""
+        per_rank = gather_object(
+            [{"host": socket.gethostname(), "train_samples": train.samples_per_process()}]
+        )
+        return {
+            "world_size": self.world,
+            "distributed_type": str(self.accelerator.distributed_type).split(".")[-1],
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+            "precision": self.accelerator.mixed_precision,
+            "hosts": sorted({r["host"] for r in per_rank}),
+            "train_samples_per_process": [r["train_samples"] for r in per_rank],
+        }
+
+    def start_tracking(self, run_id: str | None = None) -> dict[str, Any]:
+        """Start the configured tracker on the main process; any failure degrades, never aborts."""
+        cfg = self.cfg
+        if cfg.tracker == "none" or not self.is_main:
+            return {"tracker": cfg.tracker if self.is_main else None}
+        mode = tracking.wandb_mode(cfg.wandb.mode) if cfg.tracker == "wandb" else "local"
+        for attempt in (mode, "offline") if mode == "online" else (mode,):
+            try:
+                self.accelerator.trackers = []
+                self.accelerator.init_trackers(
+                    cfg.wandb.project,
+                    config=tracking.tracker_config(cfg),
+                    init_kwargs=tracking.init_kwargs(cfg, self.run_dir, attempt, run_id),
+                )
+                self.wandb_mode = attempt if cfg.tracker == "wandb" else None
+                return self._tracker_info()
+            except Exception as e:
+                self.print(f"warning: {cfg.tracker} tracker ({attempt}) did not start: {e}".splitlines()[0])
+        self.accelerator.trackers = []
+        self.accelerator.log_with = []
+        return {"tracker": "none", "tracker_failed": cfg.tracker}
+
+    def _tracker_info(self) -> dict[str, Any]:
+        if self.cfg.tracker != "wandb":
+            return {"tracker": self.cfg.tracker, "dir": str(self.run_dir / "tensorboard")}
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        return {
+            "tracker": "wandb",
+            "mode": self.wandb_mode,
+            "run_id": run.id,
+            "dir": str(Path(run.dir).parent),
+        }
+
+    def log(self, entry: dict[str, Any]) -> None:
+        if self.accelerator.trackers:
+            try:
+                self.accelerator.log(tracking.entry_metrics(entry), step=entry["epoch"])
+            except Exception as e:
+                self.print(f"warning: tracker log failed: {e}".splitlines()[0])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.accelerator.get_state_dict(self.model)
+
+    def close(self) -> None:
+        """End trackers and destroy the process group, on every exit path."""
+        with contextlib.suppress(Exception):
+            self.accelerator.end_training()
+
+
+def evaluate_weights(
+    cfg: TrainConfig, state_dict: dict[str, torch.Tensor], train: bool = False
+) -> dict[str, float]:
+    """Loss and accuracy of saved weights on the MNIST test set (train=False), in this one process."""
+    engine = Engine(cfg.model_copy(update={"tracker": "none"}), Path("."))
+    try:
+        split = engine.load_data(train=train)
+        model = MnistModel(cfg.model.hidden_size)
+        model.load_state_dict(state_dict)
+        engine.prepare(model, lr=cfg.phases[0].lr)
+        batches = data.ShardedBatches(split, cfg.val_batch_size, rank=engine.rank, world=engine.world)
+        metrics = engine.evaluate(batches)
+    finally:
+        engine.close()
+    return {"loss": metrics["val_loss"], "acc": metrics["val_acc"], "n_samples": metrics["n_val_samples"]}

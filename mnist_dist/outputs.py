@@ -1,0 +1,118 @@
+"""The run directory: config.yaml, metrics.jsonl, history.json, run.json, model.safetensors, plots.
+
+Only the main process writes: it gets a RunDir, every other process a NullRunDir that does nothing.
+Files are written to a temporary name and renamed, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.config import TrainConfig
+from mnist_dist.errors import UserError
+
+WEIGHTS = "model.safetensors"
+
+
+def check_output_dir(path: Path) -> None:
+    """UserError unless path is (or can be made) a writable directory. Safe to call on every process."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output dir {path} exists and is not a directory; pass another --output-dir")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            f"output dir {path} is not writable ({parent} is not a writable directory); "
+            "pass another --output-dir"
+        )
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def create(self) -> None:
+        try:
+            # 0700: run folders hold pickles that cluster jobs execute, and W&B run files.
+            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise UserError(
+                f"cannot create output dir {self.path} ({e.strerror}); pass another --output-dir"
+            ) from None
+        (self.path / "metrics.jsonl").write_text("")
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        write_atomic(self.path / "config.yaml", cfg.to_yaml())
+
+    def append_metrics(self, entry: dict[str, Any]) -> None:
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def write_history(self, history: list[dict[str, Any]]) -> None:
+        write_atomic(self.path / "history.json", json.dumps(history, indent=2) + "\n")
+
+    def write_run_info(self, info: dict[str, Any]) -> None:
+        write_atomic(self.path / "run.json", json.dumps(info, indent=2) + "\n")
+
+    def save_weights(self, state_dict: dict[str, Any], cfg: TrainConfig) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.path / f".{WEIGHTS}.tmp"
+        # The config travels inside the weights, so a weights file explains itself.
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+            str(tmp),
+            metadata={"config": json.dumps(cfg.model_dump(mode="json"))},
+        )
+        os.replace(tmp, self.path / WEIGHTS)
+
+    def plot(self, history: list[dict[str, Any]]) -> list[Path]:
+        from mnist_dist.plots import plot_history
+
+        return plot_history(history, self.path)
+
+
+class NullRunDir(RunDir):
+    """What processes other than the main one get: every write is a no-op."""
+
+    def create(self) -> None: ...
+    def write_config(self, cfg: TrainConfig) -> None: ...
+    def append_metrics(self, entry: dict[str, Any]) -> None: ...
+    def write_history(self, history: list[dict[str, Any]]) -> None: ...
+    def write_run_info(self, info: dict[str, Any]) -> None: ...
+    def save_weights(self, state_dict: dict[str, Any], cfg: TrainConfig) -> None: ...
+    def plot(self, history: list[dict[str, Any]]) -> list[Path]:
+        return []
+
+
+def read_run(path: Path) -> tuple[TrainConfig, list[dict[str, Any]]]:
+    """(config, history) of a finished run directory, or UserError saying what is missing."""
+    from mnist_dist.config import build_config, read_yaml
+
+    if not path.is_dir():
+        raise UserError(f"run dir {path} does not exist; pass the --output-dir of a training run")
+    cfg = build_config(read_yaml(path / "config.yaml"), str(path / "config.yaml"))
+    history_path = path / "history.json"
+    if not history_path.is_file():
+        raise UserError(f"{history_path} is missing; the run has not finished")
+    try:
+        history = json.loads(history_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{history_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    return cfg, history

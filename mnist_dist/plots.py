@@ -1,0 +1,42 @@
+"""The tutorial's two figures: validation loss and accuracy over the history, phase boundaries marked."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+
+def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Write loss.png and accuracy.png into out_dir; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and compute nodes
+    import matplotlib.pyplot as plt
+
+    epochs = [e["epoch"] for e in history]
+    # A phase starts after the epoch before its first one: draw the boundary there.
+    boundaries = [
+        prev["epoch"]
+        for prev, cur in itertools.pairwise(history)
+        if prev.get("phase") is not None and cur.get("phase") != prev.get("phase")
+    ]
+    paths = []
+    for key, label, filename in (("val_loss", "loss", "loss.png"), ("val_acc", "accuracy", "accuracy.png")):
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.plot(epochs, [e[key] for e in history], "-x")
+        for i, b in enumerate(boundaries):
+            ax.axvline(
+                b, color="grey", linestyle="--", linewidth=1, label="phase boundary" if i == 0 else None
+            )
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label.capitalize()} vs. No. of epochs")
+        if boundaries:
+            ax.legend()
+        fig.tight_layout()
+        path = out_dir / filename
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths

