@@ -81,6 +81,8 @@ class TrainConfig(_Strict):
     """Micro-batches of `batch_size` per optimizer step (effective batch = batch_size x grad_accum)."""
     precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cuda_graphs: Literal["auto", "off"] = "auto"
+    """auto = replay each full training step as one CUDA graph (one process on a GPU, precision no)."""
     tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
     progress: Literal["auto", "on", "off"] = "auto"
     """Progress bars on the main process; auto = only when stdout is a terminal."""

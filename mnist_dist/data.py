@@ -398,14 +398,21 @@ class ShardedBatches:
         # Drawn on the CPU for the same numbers on every device, moved once per epoch.
         return torch.randperm(len(self.split), generator=g).to(self.split.labels.device)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def indices(self) -> Iterator[tuple[torch.Tensor | slice, int]]:
+        """(this process's rows of each global batch, the global batch's length), for one epoch."""
         order = self._order()
-        images, labels = self.split.images, self.split.labels
         for base, size in zip(range(0, len(self.split), self.batch_size), self.global_sizes(), strict=True):
             start, stop = share(size, self.rank, self.world)
-            if order is None:
-                x, y = images[base + start : base + stop], labels[base + start : base + stop]
-            else:
-                index = order[base + start : base + stop]
-                x, y = images[index], labels[index]
-            yield x.float().div_(255), y, size
+            rows = slice(base + start, base + stop) if order is None else order[base + start : base + stop]
+            yield rows, size
+
+    def batch(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.split.images, self.split.labels
+        if isinstance(rows, slice):
+            return images[rows].float().div_(255), labels[rows]
+        # index_select, not images[rows]: advanced indexing costs ~4x more per call on a CPU (~40 us).
+        return images.index_select(0, rows).float().div_(255), labels.index_select(0, rows)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        for rows, size in self.indices():
+            yield (*self.batch(rows), size)

@@ -8,6 +8,7 @@ device and read once per epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import socket
 import sys
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
 from mnist_dist import data, tracking
 from mnist_dist.config import TrainConfig
@@ -60,6 +61,7 @@ class Engine:
                 f"use a multiple of {self.world} so every process takes an equal share"
             )
         self.wandb_mode: str | None = None
+        self._graph: _CapturedStep | None = None
         set_seed(cfg.seed)
 
     @property
@@ -106,6 +108,15 @@ class Engine:
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.core: MnistModel = self.accelerator.unwrap_model(self.model)
+        # AcceleratedOptimizer.step() searches sys.path for the lomo_optim package twice per call,
+        # zero_grad() inspects a signature and Accelerator.backward() divides the loss by 1: ~0.3 ms
+        # a step, more than half this model's whole step on a CPU. Without a grad scaler (fp16) they
+        # add nothing else, so call what they wrap.
+        plain = self.optimizer.scaler is None and self.accelerator.distributed_type != DistributedType.XLA
+        stepper = self.optimizer.optimizer if plain else self.optimizer
+        self.optimizer_step = stepper.step
+        self.zero_grad = functools.partial(stepper.zero_grad, set_to_none=True)
+        self.backward = torch.Tensor.backward if plain else self.accelerator.backward
         return self.model, self.optimizer
 
     # --- the tutorial's evaluate and fit --------------------------------------------------------
@@ -159,36 +170,69 @@ class Engine:
         return history
 
     def _train_epoch(self, train: data.ShardedBatches, epoch: int) -> float:
-        model, optimizer, core, accelerator = self.model, self.optimizer, self.core, self.accelerator
+        model, core, accelerator = self.model, self.core, self.accelerator
+        backward, optimizer_step, zero_grad = self.backward, self.optimizer_step, self.zero_grad
         model.train()
         k = self.cfg.grad_accum
         sizes = train.global_sizes()
-        # Each process scales its summed loss by world / (samples in the optimizer step), so the
-        # gradient averaged across processes is the exact mean over the global batch, short or full.
+        # Each process's loss is the mean over its share; weighting it by world x share / (samples in
+        # the optimizer step) makes the gradient averaged across processes the exact mean over the
+        # global batch, short or full. With equal shares and no accumulation the weight is 1.
         window = [sum(sizes[i - i % k : i - i % k + k]) for i in range(len(sizes))]
-        scales = [self.world / w for w in window]
+        weights = [
+            self.world * (stop - start) / w
+            for (start, stop), w in zip(
+                (data.share(n, self.rank, self.world) for n in sizes), window, strict=True
+            )
+        ]
         last = len(sizes) - 1
-        loss_sum = torch.zeros((), device=self.device)
-        for i, (xb, yb, _) in enumerate(self._progress(train, epoch)):
+        graph = self._captured_step(train)
+        losses: list[torch.Tensor] = []  # stacked once at the end: cheaper than an add per step
+        for i, (rows, size) in enumerate(self._progress(train.indices(), len(train), epoch)):
+            if graph is not None and size == train.batch_size:
+                graph.replay(rows)
+                continue
+            if graph is not None:  # grads of the graph's last replay must not leak into this step
+                zero_grad()
             steps_now = k == 1 or (i + 1) % k == 0 or i == last
+            xb, yb = train.batch(rows)
             # Skip the gradient all-reduce on micro-batches that do not end an optimizer step.
             with contextlib.nullcontext() if steps_now else accelerator.no_sync(model):
                 loss = core.training_step(model(xb), yb)
-                accelerator.backward(loss * scales[i])
-            loss_sum += loss.detach()
+                backward(loss if weights[i] == 1.0 else loss * weights[i])
+            losses.append(loss.detach())
             if steps_now:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        totals = accelerator.reduce(loss_sum.double(), reduction="sum")
-        return totals.item() / sum(sizes)
+                optimizer_step()
+                zero_grad()
+        if graph is not None:
+            losses.append(graph.take_loss_sum())
+        # The mean of the per-step losses (each the mean over a batch), as the tutorial would average them.
+        totals = accelerator.reduce(torch.stack(losses).double().sum(), reduction="sum")
+        return totals.item() / (len(sizes) * self.world)
 
-    def _progress(self, batches: data.ShardedBatches, epoch: int) -> Any:
+    def _captured_step(self, train: data.ShardedBatches) -> _CapturedStep | None:
+        """The CUDA-graph step for this lr, captured on first use; None where graphs do not apply."""
+        cfg = self.cfg
+        if not (
+            cfg.cuda_graphs == "auto"
+            and self.device.type == "cuda"
+            and self.world == 1
+            and cfg.precision == "no"
+            and cfg.grad_accum == 1
+        ):
+            return None
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self._graph is None or self._graph.lr != lr:
+            self._graph = _CapturedStep(self, train, lr)
+        return self._graph
+
+    def _progress(self, steps: Any, total: int, epoch: int) -> Any:
         show = {"on": True, "off": False, "auto": sys.stdout.isatty()}[self.cfg.progress]
         if not (show and self.is_main):
-            return batches
+            return steps
         from tqdm.auto import tqdm
 
-        return tqdm(batches, total=len(batches), desc=f"epoch {epoch}", leave=False, mininterval=0.5)
+        return tqdm(steps, total=total, desc=f"epoch {epoch}", leave=False, mininterval=0.5)
 
     # --- facts, trackers, cleanup -----------------------------------------------------------------
 
@@ -254,6 +298,55 @@ class Engine:
         """End trackers and destroy the process group, on every exit path."""
         with contextlib.suppress(Exception):
             self.accelerator.end_training()
+
+
+class _CapturedStep:
+    """One full-batch training step (gather, forward, backward, SGD update, loss sum) captured once as
+    a CUDA graph and replayed. For a model this small a step is ~25 tiny kernels, and launching them
+    one by one from Python costs more than running them; a replay launches them all at once.
+    The lr is baked into the graph, so each phase captures its own.
+    """
+
+    def __init__(self, engine: Engine, train: data.ShardedBatches, lr: float) -> None:
+        self.lr = lr
+        model, core = engine.model, engine.core
+        self.rows = torch.zeros(train.batch_size, dtype=torch.long, device=engine.device)
+        self.loss_sum = torch.zeros((), device=engine.device)
+
+        def step() -> None:
+            xb, yb = train.batch(self.rows)
+            loss = core.training_step(model(xb), yb)
+            engine.backward(loss)  # one process, full batch: the weight is 1
+            engine.optimizer_step()
+            self.loss_sum += loss.detach()
+
+        # Warm up on a side stream, as capture requires; the warm-up trains, so put the weights back.
+        saved = [p.detach().clone() for p in model.parameters()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                engine.zero_grad()
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        # Grads set to None so backward allocates them in the graph's pool and overwrites them each replay.
+        engine.zero_grad()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+        with torch.no_grad():
+            for p, v in zip(model.parameters(), saved, strict=True):
+                p.copy_(v)
+        self.loss_sum.zero_()
+
+    def replay(self, rows: torch.Tensor) -> None:
+        self.rows.copy_(rows)
+        self.graph.replay()
+
+    def take_loss_sum(self) -> torch.Tensor:
+        total = self.loss_sum.clone()
+        self.loss_sum.zero_()
+        return total
 
 
 def evaluate_weights(

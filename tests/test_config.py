@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, run_cli
 
 from mnist_dist.config import TrainConfig, load_config, parse_phases
 from mnist_dist.errors import UserError
+
+from conftest import ROOT, run_cli
 
 
 def test_seed_yaml_equals_embedded_defaults():

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, env_with, run_cli
 
 from mnist_dist import data
+
+from conftest import ROOT, env_with, run_cli
 
 
 def md5s(folder: Path) -> dict[str, str]:

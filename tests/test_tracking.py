@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import ROOT, env_with, load_json, ok, run_cli
-
 from mnist_dist import tracking
+
+from conftest import ROOT, env_with, load_json, ok, run_cli
 
 
 def test_wandb_offline_run_is_written_and_read_back(tmp_path: Path, mnist_dir: Path):

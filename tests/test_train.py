@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, accelerate_launch, load_json, ok, run_cli
 
 from mnist_dist.config import TrainConfig
+
+from conftest import ROOT, accelerate_launch, load_json, ok, run_cli
 
 RUN_FILES = [
     "config.yaml",

@@ -1,0 +1,354 @@
+"""Benchmark mnist-dist against the tutorial as written, a bare PyTorch loop and Lightning's Trainer.
+
+    python bench/run.py                     # 5 alternating repetitions of each contender, 5 accuracy seeds
+    python bench/run.py --quick             # 1 repetition, 2 epochs: proves the benchmark runs (CI)
+    python bench/run.py --device cuda       # the same on a GPU (see bench/gpu.sh)
+
+Contenders run as separate processes, alternating (A B C D A B C D ...) so drift in the machine hits
+all of them alike. Per contender: training time (initial evaluation + all epochs, measured inside the
+process), whole-process wall time and peak RSS (measured here, from os.wait4), final val_acc; then
+medians and ratios to the fastest. Also `mnist-dist --help` start-up against `python -c "import
+torch"`, 2 gloo processes against 1, and the final val_acc over several seeds. Writes results.json and
+RESULTS.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+PY = sys.executable
+
+
+def run_wait4(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run cmd; wall seconds, peak RSS in MiB (os.wait4: this process and the children it waited for)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return {
+            "wall_seconds": wall,
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "returncode": proc.returncode,
+            "stdout": out.read(),
+            "stderr": err.read(),
+        }
+
+
+def last_json(text: str) -> dict[str, Any]:
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON result line")
+
+
+class Contender:
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        self.name, self.args = name, args
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+
+    def command(self, rep: int) -> tuple[list[str], dict[str, str]]:
+        a = self.args
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        ref = ["--data-dir", str(a.data_dir), "--phases", a.phases, "--device", a.device]
+        if self.name.startswith("mnist-dist"):
+            tracker = "wandb" if self.name == "mnist-dist+wandb" else "none"
+            out = self.tmp / f"run{rep}"
+            cmd = [
+                PY,
+                "-m",
+                "mnist_dist.cli",
+                "train",
+                "-c",
+                str(ROOT / "configs/seed.yaml"),
+                "--phases",
+                a.phases,
+                "--tracker",
+                tracker,
+                "--progress",
+                "off",
+                "--data-dir",
+                str(a.data_dir),
+                "--output-dir",
+                str(out),
+                "--device",
+                a.device,
+            ]
+            return cmd, env
+        script = {"tutorial": "tutorial.py", "bare loop": "bare_loop.py", "lightning": "lightning_mnist.py"}
+        return [PY, str(BENCH / script[self.name]), *ref], env
+
+    def result(self, rep: int, measured: dict[str, Any]) -> dict[str, Any]:
+        if measured["returncode"] != 0:
+            raise RuntimeError(
+                f"{self.name} failed ({measured['returncode']}):\n{measured['stderr'][-3000:]}"
+            )
+        if self.name.startswith("mnist-dist"):
+            run_dir = self.tmp / f"run{rep}"
+            run = json.loads((run_dir / "run.json").read_text())
+            history = json.loads((run_dir / "history.json").read_text())
+            inner = {"train_seconds": run["train_seconds"], "val_acc": history[-1]["val_acc"]}
+        else:
+            inner = last_json(measured["stdout"])
+        return {
+            "train_seconds": inner["train_seconds"],
+            "wall_seconds": measured["wall_seconds"],
+            "peak_rss_mib": measured["peak_rss_mib"],
+            "val_acc": inner["val_acc"],
+        }
+
+
+def median_of(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in rows)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def startup(reps: int) -> dict[str, float]:
+    cli = str(Path(PY).with_name("mnist-dist"))
+    times: dict[str, list[float]] = {"mnist-dist --help": [], 'python -c "import torch"': []}
+    for _ in range(reps):
+        times["mnist-dist --help"].append(run_wait4([cli, "--help"])["wall_seconds"])
+        times['python -c "import torch"'].append(run_wait4([PY, "-c", "import torch"])["wall_seconds"])
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def two_processes(args: argparse.Namespace) -> dict[str, Any]:
+    """1 process vs 2 gloo processes on this CPU, same config: time and history difference."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-2proc-"))
+    base = [
+        "-m",
+        "mnist_dist.train",
+        "-c",
+        str(ROOT / "configs/seed.yaml"),
+        "--phases",
+        args.phases,
+        "--tracker",
+        "none",
+        "--progress",
+        "off",
+        "--data-dir",
+        str(args.data_dir),
+        "--device",
+        "cpu",
+    ]
+    launch = str(Path(PY).with_name("accelerate"))
+    one = run_wait4([PY, *base, "--output-dir", str(tmp / "one")])
+    two = run_wait4(
+        [launch, "launch", "--multi_gpu", "--num_processes", "2", *base, "--output-dir", str(tmp / "two")]
+    )
+    for r in (one, two):
+        if r["returncode"]:
+            raise RuntimeError(r["stderr"][-3000:])
+    h1 = json.loads((tmp / "one/history.json").read_text())
+    h2 = json.loads((tmp / "two/history.json").read_text())
+    diff = max(abs(a[k] - b[k]) for a, b in zip(h1, h2, strict=True) for k in ("val_loss", "val_acc"))
+    runs = [json.loads((tmp / d / "run.json").read_text()) for d in ("one", "two")]
+    return {
+        "1 process train_seconds": runs[0]["train_seconds"],
+        "2 processes train_seconds": runs[1]["train_seconds"],
+        "1 process wall_seconds": one["wall_seconds"],
+        "2 processes wall_seconds": two["wall_seconds"],
+        "max history difference": diff,
+    }
+
+
+def seeds(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-seeds-"))
+    accs = []
+    for seed in range(args.seeds):
+        out = tmp / f"s{seed}"
+        r = run_wait4(
+            [
+                PY,
+                "-m",
+                "mnist_dist.cli",
+                "train",
+                "--seed",
+                str(seed),
+                "--phases",
+                args.phases,
+                "--tracker",
+                "none",
+                "--progress",
+                "off",
+                "--data-dir",
+                str(args.data_dir),
+                "--device",
+                args.device,
+                "--output-dir",
+                str(out),
+            ]
+        )
+        if r["returncode"]:
+            raise RuntimeError(r["stderr"][-3000:])
+        accs.append(json.loads((out / "history.json").read_text())[-1]["val_acc"])
+    return {
+        "seeds": list(range(args.seeds)),
+        "final_val_acc": accs,
+        "median": statistics.median(accs),
+        "min": min(accs),
+    }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m, rows = results["machine"], results["contenders"]
+    fastest_train = min(r["train_seconds"] for r in rows.values())
+    fastest_wall = min(r["wall_seconds"] for r in rows.values())
+    lines = [
+        f"# Benchmark ({results['mode']}, {results['reps']} repetitions, phases {results['phases']}, "
+        f"device {results['device']})",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores"
+        + (f", {m['gpu']}" if m["gpu"] else "")
+        + f"; Python {m['python']}, torch {m['torch']}; {results['date']}.",
+        "",
+        "| contender | training s (median) | x fastest | whole process s | x fastest | peak RSS MiB "
+        "| final val_acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | {r['train_seconds']:.3f} | {r['train_seconds'] / fastest_train:.2f} | "
+            f"{r['wall_seconds']:.2f} | {r['wall_seconds'] / fastest_wall:.2f} | {r['peak_rss_mib']:.0f} | "
+            f"{r['val_acc']:.4f} |"
+        )
+    s = results["startup"]
+    lines += ["", "| start-up | median s |", "|---|---|"] + [f"| `{k}` | {v:.3f} |" for k, v in s.items()]
+    if "two_processes" in results:
+        t = results["two_processes"]
+        lines += ["", "| 1 vs 2 gloo processes | value |", "|---|---|"] + [
+            f"| {k} | {v:.3g} |" for k, v in t.items()
+        ]
+    if "seeds" in results:
+        a = results["seeds"]
+        lines += [
+            "",
+            f"Final val_acc over seeds {a['seeds']}: {', '.join(f'{x:.4f}' for x in a['final_val_acc'])} "
+            f"(median {a['median']:.4f}, min {a['min']:.4f}).",
+        ]
+    if "targets" in results:
+        lines += ["", "| target | value | met |", "|---|---|---|"] + [
+            f"| {k} | {v['value']:.3f} | {'yes' if v['met'] else 'NO'} |"
+            for k, v in results["targets"].items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: dict[str, Any]) -> dict[str, Any]:
+    c = results["contenders"]
+    md, bare = c["mnist-dist"], c["bare loop"]
+    out = {
+        "training / bare loop (≤ 1.10)": (md["train_seconds"] / bare["train_seconds"], 1.10, "le"),
+        "whole process / bare loop (≤ 1.3)": (md["wall_seconds"] / bare["wall_seconds"], 1.3, "le"),
+        "peak RSS GiB (≤ 1.0)": (md["peak_rss_mib"] / 1024, 1.0, "le"),
+        "--help / import torch (< 0.333)": (
+            results["startup"]["mnist-dist --help"] / results["startup"]['python -c "import torch"'],
+            1 / 3,
+            "lt",
+        ),
+    }
+    if "lightning" in c:
+        out["training / lightning (< 1)"] = (md["train_seconds"] / c["lightning"]["train_seconds"], 1.0, "lt")
+    if "tutorial" in c:
+        out["tutorial / training (≥ 10)"] = (c["tutorial"]["train_seconds"] / md["train_seconds"], 10.0, "ge")
+    if "seeds" in results:
+        out["median val_acc over seeds (≥ 0.962)"] = (results["seeds"]["median"], 0.962, "ge")
+        out["min val_acc over seeds (≥ 0.955)"] = (results["seeds"]["min"], 0.955, "ge")
+    ops = {"le": lambda v, t: v <= t, "lt": lambda v, t: v < t, "ge": lambda v, t: v >= t}
+    return {k: {"value": v, "target": t, "met": ops[op](v, t)} for k, (v, t, op) in out.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="1 repetition, 1 epoch per phase, 1 seed")
+    p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MNIST_DIST_DATA_DIR", "data")))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--only", default="", help="comma-separated contenders (default: all)")
+    p.add_argument("--no-two-processes", action="store_true")
+    p.add_argument("--out", type=Path, default=BENCH / "results")
+    args = p.parse_args()
+    args.phases = "1x0.5,1x0.1" if args.quick else "5x0.5,5x0.1"
+    if args.quick:
+        args.reps, args.seeds = 1, 1
+
+    subprocess.run(
+        [PY, "-m", "mnist_dist.cli", "data", "prepare", "--data-dir", str(args.data_dir)],
+        check=True,
+        cwd=ROOT,
+    )
+    names = ["mnist-dist", "mnist-dist+wandb", "bare loop", "lightning", "tutorial"]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    contenders = [Contender(n, args) for n in names]
+    rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for rep in range(args.reps):
+        for c in contenders:
+            cmd, env = c.command(rep)
+            rows[c.name].append(c.result(rep, run_wait4(cmd, env)))
+            r = rows[c.name][-1]
+            print(
+                f"rep {rep + 1}/{args.reps} {c.name:18s} train {r['train_seconds']:7.3f}s  wall "
+                f"{r['wall_seconds']:6.2f}s  rss {r['peak_rss_mib']:5.0f} MiB  val_acc {r['val_acc']:.4f}",
+                flush=True,
+            )
+
+    results: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "reps": args.reps,
+        "phases": args.phases,
+        "device": args.device,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "contenders": {n: {k: median_of(rs, k) for k in rs[0]} | {"runs": rs} for n, rs in rows.items()},
+        "startup": startup(3 if args.quick else 7),
+    }
+    if not args.no_two_processes and args.device != "cuda":
+        results["two_processes"] = two_processes(args)
+    if args.seeds > 1:
+        results["seeds"] = seeds(args)
+    if {"mnist-dist", "bare loop"} <= set(names):
+        results["targets"] = targets(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "RESULTS.md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
