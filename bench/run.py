@@ -138,10 +138,12 @@ def machine() -> dict[str, Any]:
 
 
 def startup(reps: int) -> dict[str, float]:
-    cli = str(Path(PY).with_name("mnist-dist"))
+    script = Path(PY).with_name("mnist-dist")
+    # Where the package is on PYTHONPATH but not installed (the GPU machine), time the module instead.
+    cli = [str(script)] if script.exists() else [PY, "-m", "mnist_dist.cli"]
     times: dict[str, list[float]] = {"mnist-dist --help": [], 'python -c "import torch"': []}
     for _ in range(reps):
-        times["mnist-dist --help"].append(run_wait4([cli, "--help"])["wall_seconds"])
+        times["mnist-dist --help"].append(run_wait4([*cli, "--help"])["wall_seconds"])
         times['python -c "import torch"'].append(run_wait4([PY, "-c", "import torch"])["wall_seconds"])
     return {k: statistics.median(v) for k, v in times.items()}
 

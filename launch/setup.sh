@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install mnist-dist, its trackers and its test tools into ./.venv (idempotent; about a minute).
+# Install mnist-dist, its trackers, its test tools and the benchmark's contenders into ./.venv
+# (idempotent; about a minute).
 #   bash launch/setup.sh && .venv/bin/mnist-dist train
 # torch is pinned here, not resolved by pip from the dependency range, because an unpinned torch
 # pulls a multi-GB CUDA build; set MNIST_DIST_TORCH to install another build.
@@ -16,6 +17,6 @@ fi
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # shellcheck disable=SC2086
 "${pip[@]}" $MNIST_DIST_TORCH
-"${pip[@]}" -e '.[test]'
+"${pip[@]}" -e '.[test,bench]'
 .venv/bin/mnist-dist --help >/dev/null
 echo "installed: $(.venv/bin/python -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__)')"

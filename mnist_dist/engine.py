@@ -62,6 +62,7 @@ class Engine:
             )
         self.wandb_mode: str | None = None
         self._graph: _CapturedStep | None = None
+        self._graphs_failed = False
         set_seed(cfg.seed)
 
     @property
@@ -213,7 +214,7 @@ class Engine:
     def _captured_step(self, train: data.ShardedBatches) -> _CapturedStep | None:
         """The CUDA-graph step for this lr, captured on first use; None where graphs do not apply."""
         cfg = self.cfg
-        if not (
+        if self._graphs_failed or not (
             cfg.cuda_graphs == "auto"
             and self.device.type == "cuda"
             and self.world == 1
@@ -223,7 +224,12 @@ class Engine:
             return None
         lr = self.optimizer.param_groups[0]["lr"]
         if self._graph is None or self._graph.lr != lr:
-            self._graph = _CapturedStep(self, train, lr)
+            try:
+                self._graph = _CapturedStep(self, train, lr)
+            except RuntimeError as e:  # a capture this stack cannot do: train eagerly, same numbers
+                self.print(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); running eagerly")
+                self._graphs_failed = True
+                return None
         return self._graph
 
     def _progress(self, steps: Any, total: int, epoch: int) -> Any:
@@ -320,24 +326,27 @@ class _CapturedStep:
             engine.optimizer_step()
             self.loss_sum += loss.detach()
 
-        # Warm up on a side stream, as capture requires; the warm-up trains, so put the weights back.
+        # Warm up on a side stream, as capture requires; the warm-up trains, so put the weights back
+        # afterwards, also when capture fails and the engine falls back to eager steps.
         saved = [p.detach().clone() for p in model.parameters()]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                engine.zero_grad()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    engine.zero_grad()
+                    step()
+            torch.cuda.current_stream().wait_stream(side)
+            # Grads set to None, so backward allocates them in the graph's pool and overwrites them.
+            engine.zero_grad()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
                 step()
-        torch.cuda.current_stream().wait_stream(side)
-        # Grads set to None so backward allocates them in the graph's pool and overwrites them each replay.
-        engine.zero_grad()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step()
-        with torch.no_grad():
-            for p, v in zip(model.parameters(), saved, strict=True):
-                p.copy_(v)
-        self.loss_sum.zero_()
+        finally:
+            with torch.no_grad():
+                for p, v in zip(model.parameters(), saved, strict=True):
+                    p.copy_(v)
+            self.loss_sum.zero_()
 
     def replay(self, rows: torch.Tensor) -> None:
         self.rows.copy_(rows)

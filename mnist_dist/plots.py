@@ -9,10 +9,9 @@ from typing import Any
 
 def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Write loss.png and accuracy.png into out_dir; return their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and compute nodes
-    import matplotlib.pyplot as plt
+    # Figure + the Agg canvas, not pyplot: no global state, no display, ~0.1 s less to import.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [e["epoch"] for e in history]
     # A phase starts after the epoch before its first one: draw the boundary there.
@@ -23,7 +22,9 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     ]
     paths = []
     for key, label, filename in (("val_loss", "loss", "loss.png"), ("val_acc", "accuracy", "accuracy.png")):
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
         ax.plot(epochs, [e[key] for e in history], "-x")
         for i, b in enumerate(boundaries):
             ax.axvline(
@@ -37,6 +38,5 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         fig.tight_layout()
         path = out_dir / filename
         fig.savefig(path)
-        plt.close(fig)
         paths.append(path)
     return paths

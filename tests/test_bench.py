@@ -1,0 +1,45 @@
+"""The benchmark runs end to end in quick mode (1 repetition, 2 epochs). It asserts that every
+contender ran and reported sane numbers, never how fast: speed is judged by bench/run.py's medians."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT
+
+CONTENDERS = ["mnist-dist", "mnist-dist+wandb", "bare loop", "lightning", "tutorial"]
+
+
+def test_quick_benchmark_runs_every_contender(tmp_path: Path, data_env: dict[str, str]):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench/run.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=data_env,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["mode"] == "quick" and results["phases"] == "1x0.5,1x0.1"
+    assert list(results["contenders"]) == CONTENDERS
+    for name, row in results["contenders"].items():
+        assert len(row["runs"]) == 1, name
+        for key in ("train_seconds", "wall_seconds", "peak_rss_mib"):
+            assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+        assert row["wall_seconds"] > row["train_seconds"], name
+        assert 0.9 < row["val_acc"] <= 1.0, name  # 2 epochs of the tutorial's training
+    # mnist-dist and the bare loop train on the same split, batches and phases.
+    assert (
+        abs(results["contenders"]["mnist-dist"]["val_acc"] - results["contenders"]["bare loop"]["val_acc"])
+        < 0.01
+    )
+    assert results["two_processes"]["max history difference"] < 1e-4
+    assert set(results["startup"]) == {"mnist-dist --help", 'python -c "import torch"'}
+    assert set(results["targets"]) >= {"training / bare loop (≤ 1.10)", "peak RSS GiB (≤ 1.0)"}
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert all(f"| {name} |" in table for name in CONTENDERS)
