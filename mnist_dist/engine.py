@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import socket
 import sys
 import time
@@ -244,9 +245,9 @@ class Engine:
 
     def facts(self, train: data.ShardedBatches) -> dict[str, Any]:
         """World size, device, precision and where each rank ran: computed on all ranks, for run.json."""
-        per_rank = gather_object(
-            [{"host": socket.gethostname(), "train_samples": train.samples_per_process()}]
-        )
+        # Under Slurm the node's name, not the machine's: test clusters run several nodes on one host.
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        per_rank = gather_object([{"host": host, "train_samples": train.samples_per_process()}])
         return {
             "world_size": self.world,
             "distributed_type": str(self.accelerator.distributed_type).split(".")[-1],

@@ -72,7 +72,7 @@ write_conf() {
   if [ -f "$CONF" ] && ! grep -q "$MARK" "$CONF"; then
     cp "$CONF" "$CONF.before-mnist-dist"
   fi
-  mkdir -p "$CONF_DIR" "$STATE"/{ctld,spool,log}
+  mkdir -p "$CONF_DIR" "$STATE"/{ctld,log} "$STATE"/spool/node{0,1,2}
   {
     echo "$MARK ($nodes node(s)); remove with: bash slurm/cluster.sh stop"
     cat <<EOF
@@ -110,8 +110,6 @@ EOF
     echo "PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
     echo "PartitionName=cpu Nodes=ALL MaxTime=INFINITE State=UP OverSubscribe=YES"
   } > "$CONF"
-  # slurmd reads cgroup.conf even with cgroups unused; an empty one keeps it quiet.
-  [ -f "$CONF_DIR/cgroup.conf" ] || echo "CgroupPlugin=disabled" > "$CONF_DIR/cgroup.conf"
 }
 
 hosts_entry() {  # /etc/hosts line for a node, once
@@ -135,8 +133,12 @@ make_namespace() {
 stop_all() {
   pkill -x slurmctld 2>/dev/null || true
   pkill -x slurmd 2>/dev/null || true
-  for _ in $(seq 50); do pgrep -x 'slurmctld|slurmd' >/dev/null || break; sleep 0.1; done
-  pkill -9 -x 'slurmctld|slurmd' 2>/dev/null || true
+  for _ in $(seq 50); do
+    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
+    sleep 0.1
+  done
+  pkill -9 -x slurmd 2>/dev/null || true
+  pkill -9 -x slurmctld 2>/dev/null || true
   for ns in node1 node2; do
     ip netns del "$ns" 2>/dev/null || true
     ip link del "veth-$ns" 2>/dev/null || true
