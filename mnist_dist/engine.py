@@ -75,7 +75,9 @@ class Engine:
         return self.accelerator.device
 
     def print(self, *args: Any) -> None:
-        self.accelerator.print(*args, flush=True)
+        # Global rank 0 only: accelerator.print prints once per node, so N nodes would repeat each line.
+        if self.is_main:
+            print(*args, flush=True)
 
     # --- data and model ---------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Engine:
             }
             if not math.isfinite(train_loss):
                 raise FloatingPointError(
-                    f"training loss is {train_loss} in phase {phase}, epoch {epoch}, lr {lr}"
+                    f"training loss is {train_loss} in phase {phase + 1}, epoch {epoch}, lr {lr:g}"
                 )
             history.append(entry)
             on_epoch(entry)

@@ -172,11 +172,12 @@ def cancel(job: str) -> dict[str, Any]:
     proc = subprocess.run(["scancel", record["job_id"]], capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise UserError(f"scancel {record['job_id']} failed: {proc.stderr.strip() or proc.stdout.strip()}")
-    for _ in range(50):  # scancel returns before the state changes
+    deadline = time.monotonic() + 90  # scancel returns at once; the tasks get KillWait to exit
+    while time.monotonic() < deadline:
         info = status(record["job_id"])
-        if info["state"] not in ("RUNNING", "PENDING", "CONFIGURING"):
+        if info["finished"]:
             return info
-        time.sleep(0.2)
+        time.sleep(0.5)
     return status(record["job_id"])
 
 

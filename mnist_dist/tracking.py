@@ -41,9 +41,11 @@ def wandb_mode(configured: str) -> str:
 def init_kwargs(cfg: TrainConfig, run_dir: Path, mode: str, run_id: str | None = None) -> dict[str, Any]:
     """Accelerate's init_trackers(init_kwargs=...) for the configured tracker."""
     if cfg.tracker == "wandb":
+        job = os.environ.get("SLURM_JOB_ID")
         kwargs: dict[str, Any] = {
             "dir": str(run_dir),
-            "name": cfg.name,
+            # One W&B run per Slurm job, named after it, so a dashboard row leads back to the job.
+            "name": f"{cfg.name}-{job}" if job else cfg.name,
             "mode": mode,
             "entity": cfg.wandb.entity,
             # Our own lines are the log; W&B capturing the console would only copy them.
@@ -115,13 +117,14 @@ def read_wandb_run(path: Path) -> dict[str, Any]:
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run: dict[str, Any] = {"id": None, "config": {}, "history": []}
+    run: dict[str, Any] = {"id": None, "name": None, "config": {}, "history": []}
     for blob in _records(path):
         rec = pb.Record()
         rec.ParseFromString(blob)
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run["id"] = rec.run.run_id
+            run["name"] = rec.run.display_name
             run["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
         elif kind == "config":
             run["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})

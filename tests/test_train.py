@@ -278,3 +278,17 @@ def test_plot_redraws_the_curves(seed_run: Path, tmp_path: Path):
     proc = ok(run_cli("plot", copy))
     assert proc.stdout.split() == [str(copy / "loss.png"), str(copy / "accuracy.png")]
     assert (copy / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_divergence_stops_with_phase_epoch_and_lr(tmp_path: Path, data_env: dict[str, str]):
+    out = tmp_path / "nan"
+    proc = run_cli(
+        "train", "-c", ROOT / "configs/smoke.yaml", "--phases", "1x1e38", "--output-dir", out, env=data_env
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        "error: training diverged: training loss is nan in phase 1, epoch 1, lr 1e+38; "
+        "lower the lr of that phase"
+    ]
+    run = load_json(out / "run.json")
+    assert run["status"] == "failed" and "FloatingPointError" in run["error"]

@@ -1,0 +1,307 @@
+"""SLURM: real jobs on the local cluster (slurm/cluster.sh: two hosts in network namespaces, no
+accounting). Submitted through `mnist-dist submit` (submitit) and through slurm/train.sbatch; watched
+with status/logs/history/cancel. No mocked sbatch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mnist_dist import tracking
+
+from conftest import ROOT, load_json, ok, run_cli
+
+GOLDEN = ROOT / "tests/assets/submit_dry_run.sbatch"
+
+
+def _cluster_nodes() -> int:
+    proc = subprocess.run(["bash", str(ROOT / "slurm/cluster.sh"), "check"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        reason = (proc.stderr or proc.stdout).strip()
+        if os.environ.get("CI"):
+            pytest.fail(f"the local Slurm cluster is not up in CI: {reason}")
+        pytest.skip(f"no local Slurm cluster ({reason}); start one: sudo bash slurm/cluster.sh start")
+    return int(re.search(r"ok: (\d+) node", proc.stdout).group(1))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> int:
+    return _cluster_nodes()
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory: pytest.TempPathFactory, data_env: dict[str, str]) -> dict[str, str]:
+    state = tmp_path_factory.mktemp("state")
+    # eth0: the test hosts' interface; without it gloo binds the loopback and ranks on two hosts never meet.
+    return {
+        **data_env,
+        "MNIST_DIST_STATE_DIR": str(state),
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "PATH": f"{Path(sys.executable).parent}:{data_env['PATH']}",
+    }
+
+
+def submit(env: dict[str, str], out: Path, *args: str) -> str:
+    proc = ok(run_cli("submit", "--output-dir", out, "--allow-local", "--json", *args, env=env))
+    result = json.loads(proc.stdout)
+    assert result["run_dir"] == str(out)
+    return result["job_id"]
+
+
+def status(env: dict[str, str], job: str) -> dict:
+    return json.loads(ok(run_cli("status", job, "--json", env=env)).stdout)
+
+
+def wait(env: dict[str, str], job: str, *, until=lambda s: s["finished"], timeout: float = 400) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = status(env, job)
+        if until(info):
+            return info
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {info} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def jobs(
+    cluster: int, slurm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple]:
+    """Three jobs submitted together: the seed run with W&B, 1 node x 2 tasks, 2 nodes x 1 task."""
+    base = tmp_path_factory.mktemp("slurm")
+    out = {
+        "seed": (base / "seed", ["--partition", "gpu", "--tracker", "wandb"]),
+        "1x2": (base / "one-node", ["--partition", "cpu", "--tasks-per-node", "2", "--tracker", "none"]),
+        "2x1": (base / "two-nodes", ["--partition", "cpu", "--nodes", "2", "--tracker", "none"]),
+    }
+    return {name: (submit(slurm_env, path, *args), path) for name, (path, args) in out.items()}
+
+
+def test_submit_seed_config_completes(jobs: dict, slurm_env: dict[str, str]):
+    job, run_dir = jobs["seed"]
+    info = wait(slurm_env, job)
+    assert info["state"] == "COMPLETED", info
+    history = load_json(run_dir / "history.json")
+    assert len(history) == 11 and history[-1]["val_acc"] >= 0.96
+    run = load_json(run_dir / "run.json")
+    assert run["world_size"] == 1 and run["status"] == "completed"
+    # One W&B run for the job, offline (no key on the nodes), named after the job id.
+    files = tracking.wandb_run_files(run_dir)
+    assert len(files) == 1
+    wb = tracking.read_wandb_run(files[0])
+    assert wb["name"] == f"seed-{job}" and len(wb["history"]) == 11
+    assert (run_dir.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize(("name", "hosts"), [("1x2", 1), ("2x1", 2)])
+def test_two_processes_on_slurm_match_one_local_process(
+    jobs: dict, slurm_env: dict[str, str], seed_run: Path, name: str, hosts: int
+):
+    job, run_dir = jobs[name]
+    info = wait(slurm_env, job)
+    assert info["state"] == "COMPLETED", (info, (run_dir / "submitit").iterdir())
+    run = load_json(run_dir / "run.json")
+    assert run["world_size"] == 2 and run["distributed_type"] == "MULTI_CPU"
+    assert run["train_samples_per_process"] == [25_000, 25_000]
+    assert len(run["hosts"]) == hosts, run["hosts"]  # ranks really ran on both hosts
+    local = load_json(seed_run / "history.json")
+    for a, b in zip(load_json(run_dir / "history.json"), local, strict=True):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-4 and abs(a["val_acc"] - b["val_acc"]) <= 1e-4
+
+
+def test_status_logs_history_of_a_finished_job(jobs: dict, slurm_env: dict[str, str]):
+    job, run_dir = jobs["2x1"]
+    wait(slurm_env, job)
+    text = ok(run_cli("status", job, env=slurm_env)).stdout
+    assert text.startswith(f"job {job}: COMPLETED") and "10 epoch(s) done" in text
+    logs = ok(run_cli("logs", job, env=slurm_env)).stdout
+    assert "task 0/2" in logs and "Epoch [10], val_loss:" in logs
+    assert "task 1/2" in ok(run_cli("logs", job, "--task", "1", env=slurm_env)).stdout
+    table = ok(run_cli("history", job, env=slurm_env)).stdout.splitlines()
+    assert len(table) == 11 and table[0].startswith("Epoch [0], val_loss:")
+    assert ok(run_cli("history", run_dir, env=slurm_env)).stdout.splitlines() == table
+    # The same answer from submitit's files alone, as once Slurm has forgotten the job (MinJobAge).
+    record = json.loads((run_dir / "job.json").read_text())
+    for f in Path(record["folder"]).glob(f"{job}_*"):
+        shutil.copy(f, Path(record["folder"]) / f.name.replace(job, "999999", 1))
+    forgotten = {**record, "job_id": "999999"}
+    Path(slurm_env["MNIST_DIST_STATE_DIR"], "jobs", "999999.json").write_text(json.dumps(forgotten))
+    info = status(slurm_env, "999999")
+    assert info["state"] == "COMPLETED" and info["source"] == "submitit" and info["finished"]
+
+
+def test_the_plain_sbatch_template_runs_on_two_nodes(cluster: int, slurm_env: dict[str, str], tmp_path: Path):
+    out = tmp_path / "plain"
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--partition",
+            "cpu",
+            "--nodes",
+            "2",
+            f"--output={tmp_path}/%j.out",
+            str(ROOT / "slurm/train.sbatch"),
+            "--output-dir",
+            str(out),
+            "--tracker",
+            "none",
+            "--source",
+            "dir",
+            "--phases",
+            "1x0.5,1x0.1",
+        ],
+        capture_output=True,
+        text=True,
+        env=slurm_env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    deadline = time.monotonic() + 400
+    while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"sbatch job {job} did not finish"
+        time.sleep(1)
+    log = (tmp_path / f"{job}.out").read_text()
+    assert "2 node(s) x 1 process(es) = 2" in log, log[-3000:]
+    assert log.count("Epoch [2], val_loss") == 1, "only global rank 0 prints"
+    run = load_json(out / "run.json")
+    assert run["world_size"] == 2 and run["hosts"] == ["node1", "node2"] and run["status"] == "completed"
+
+
+def _normalize(text: str, run_dir: Path) -> str:
+    return text.replace(str(run_dir), "RUN_DIR").replace(sys.executable, "PYTHON")
+
+
+def test_dry_run_prints_the_golden_sbatch_script_and_submits_nothing(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path
+):
+    run_dir = tmp_path / "dry"
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    proc = ok(
+        run_cli(
+            "submit",
+            "--partition",
+            "gpu",
+            "--nodes",
+            "2",
+            "--tasks-per-node",
+            "1",
+            "--time",
+            "00:30:00",
+            "--mem",
+            "4G",
+            "--job-name",
+            "golden",
+            "--output-dir",
+            run_dir,
+            "--allow-local",
+            "--dry-run",
+            env=slurm_env,
+        )
+    )
+    got = _normalize(proc.stdout, run_dir)
+    if os.environ.get("MNIST_DIST_REGOLD"):
+        GOLDEN.write_text(got)
+    assert got == GOLDEN.read_text()
+    assert not run_dir.exists()
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+
+
+def test_pending_job_is_not_finished_and_cancel_works(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path
+):
+    job = submit(slurm_env, tmp_path / "held", "--tracker", "none")
+    subprocess.run(["scontrol", "hold", job], check=True)
+    info = status(slurm_env, job)
+    assert info["state"] == "PENDING" and not info["finished"]
+    text = ok(run_cli("cancel", job, env=slurm_env)).stdout
+    assert text.strip() == f"job {job}: CANCELLED"
+    assert status(slurm_env, job)["finished"]
+
+
+def test_running_job_shows_progress_then_cancel(cluster: int, slurm_env: dict[str, str], tmp_path: Path):
+    job = submit(slurm_env, tmp_path / "long", "--tracker", "none", "--phases", "200x0.1")
+    info = wait(slurm_env, job, until=lambda s: s["state"] == "RUNNING" and s.get("epochs_done", 0) >= 1)
+    assert not info["finished"]
+    assert "Epoch [1], val_loss:" in ok(run_cli("logs", job, env=slurm_env)).stdout
+    assert ok(run_cli("history", job, env=slurm_env)).stdout.count("Epoch [") >= 2
+    assert ok(run_cli("cancel", job, env=slurm_env)).stdout.strip() == f"job {job}: CANCELLED"
+    info = status(slurm_env, job)
+    assert info["state"] == "CANCELLED" and info["finished"]
+
+
+def test_a_job_that_raises_shows_the_python_error(cluster: int, slurm_env: dict[str, str], tmp_path: Path):
+    job = submit(slurm_env, tmp_path / "diverge", "--tracker", "none", "--phases", "1x1e38")
+    info = wait(slurm_env, job)
+    assert info["state"] == "FAILED", info
+    assert re.match(
+        r"FloatingPointError: training loss is (nan|inf) in phase 1, epoch 1, lr 1e\+38", info["error"]
+    )
+    text = ok(run_cli("status", job, env=slurm_env)).stdout
+    assert "error: FloatingPointError" in text
+    assert "FloatingPointError" in ok(run_cli("logs", job, env=slurm_env)).stdout
+    assert load_json(tmp_path / "diverge/run.json")["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--partition", "nosuch"], "partition 'nosuch' does not exist; partitions here: gpu, cpu"),
+        (["--tasks-per-node", "3"], "batch_size 128 is not divisible by 1 node(s) x 3 task(s) = 3 processes"),
+        (["--partition", "gpu;rm"], "--partition 'gpu;rm' has characters Slurm names do not use"),
+        (["--job-name", "a\nb"], "--job-name 'a\\nb' has characters Slurm names do not use"),
+        (["--time", "soon"], "--time 'soon' is not a Slurm time"),
+        (["--gpus-per-node", "1", "--tasks-per-node", "2"], "is more than --gpus-per-node 1"),
+    ],
+)
+def test_preflight_errors_exit_2_and_submit_nothing(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path, args: list[str], message: str
+):
+    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    proc = run_cli("submit", "--output-dir", tmp_path / "run", "--allow-local", *args, env=slurm_env)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert not (tmp_path / "run").exists()
+
+
+def test_node_local_output_dir_is_refused_without_allow_local(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path
+):
+    proc = run_cli("submit", "--output-dir", tmp_path / "run", env=slurm_env)
+    assert proc.returncode == 2 and "which is local to each node" in proc.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_cli("submit", "--output-dir", blocker / "run", "--allow-local", env=slurm_env)
+    assert proc.returncode == 2 and "is not writable" in proc.stderr
+
+
+def test_sbatch_missing_is_exit_2(cluster: int, slurm_env: dict[str, str], tmp_path: Path):
+    env = {**slurm_env, "PATH": str(Path(sys.executable).parent)}  # the venv, without Slurm's commands
+    proc = run_cli("submit", "--output-dir", tmp_path / "run", "--allow-local", env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: sbatch not found")
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_job_id_is_exit_2(cluster: int, slurm_env: dict[str, str]):
+    for command in ("status", "logs", "cancel", "history"):
+        proc = run_cli(command, "987654", env=slurm_env)
+        assert proc.returncode == 2 and "job 987654 is not known to Slurm or to mnist-dist" in proc.stderr
+    proc = run_cli("status", "12; rm -rf /", env=slurm_env)
+    assert proc.returncode == 2 and "is neither a job id" in proc.stderr
+
+
+def test_sync_wraps_wandb_sync(jobs: dict, slurm_env: dict[str, str]):
+    job, run_dir = jobs["seed"]
+    wait(slurm_env, job)
+    lines = ok(run_cli("sync", run_dir, "--dry-run", env=slurm_env)).stdout.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"sync {tracking.wandb_run_files(run_dir)[0].parent}")
+    proc = run_cli("sync", run_dir.parent, env=slurm_env)
+    assert proc.returncode == 2 and "has no W&B offline run" in proc.stderr
