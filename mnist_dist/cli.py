@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -96,17 +97,47 @@ def config_from_options(opts: dict[str, Any]) -> Any:
     return load_config(opts.get("config"), overrides, opts.get("set_"))
 
 
+def _stop_at(text: str | None) -> tuple[int, int] | None:
+    """--simulate-preemption-at EPOCH[:STEP] (step 100 by default: mid-epoch)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)(?::(\d+))?", text.strip())
+    if not m or int(m.group(1)) < 1:
+        raise UserError(f"--simulate-preemption-at '{text}': write EPOCH or EPOCH:STEP, e.g. 3 or 3:100")
+    return int(m.group(1)), int(m.group(2) or 100)
+
+
 @app.command()
 @training_options
-def train(**opts: Any) -> None:
+def train(
+    resume: Annotated[str, Opt(help="auto (newest checkpoint in the run dir) | never | PATH.")] = "auto",
+    force: Annotated[bool, Opt(help="Resume from a checkpoint of a different config anyway.")] = False,
+    simulate_preemption_at: Annotated[
+        str | None, Opt(help="Drill: stop at EPOCH[:STEP] as a preempted job would (save, exit 75).")
+    ] = None,
+    **opts: Any,
+) -> None:
     """Train: history = evaluate() then fit(phase) for each phase; writes the run directory."""
+    import signal
+
     cfg = config_from_options(opts)
+    at = _stop_at(simulate_preemption_at)
+    from mnist_dist.engine import Preempted, StopFlag
     from mnist_dist.train import run
 
+    stop = StopFlag(cfg.checkpoint.stop_check_steps)
+    stop.at = at
+    # The handlers only set the flag; the save happens at the next step boundary.
+    signal.signal(signal.SIGUSR2, stop.request)
+    signal.signal(signal.SIGTERM, stop.request)
     try:
-        run(cfg)
+        run(cfg, resume=resume, force=force, stop=stop)
     except FloatingPointError as e:
         raise typer.Exit(_fail(f"training diverged: {e}; lower the lr of that phase", code=1)) from None
+    except Preempted as e:
+        raise typer.Exit(
+            _fail(f"{e}: checkpoint saved; run the same command again to resume", code=75)
+        ) from None
 
 
 @app.command()

@@ -64,6 +64,15 @@ class WandbConfig(_Strict):
     """auto = online when an API key is configured, else offline (the run stays in the run directory)."""
 
 
+class CheckpointConfig(_Strict):
+    every_epochs: int = Field(default=1, ge=0)
+    """Save the full training state every N epochs (0: never; preemption still saves)."""
+    keep: int = Field(default=2, ge=1)
+    """Checkpoints kept; older ones are deleted."""
+    stop_check_steps: int = Field(default=10, ge=1)
+    """With several processes, agree on a stop request every N steps (one tiny all-reduce)."""
+
+
 def _seed_phases() -> list[Phase]:
     return [Phase(epochs=5, lr=0.5), Phase(epochs=5, lr=0.1)]
 
@@ -91,6 +100,9 @@ class TrainConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    max_requeues: int = Field(default=3, ge=0)
+    """On SLURM: times a preempted or timed-out job requeues itself before giving up."""
 
     @model_validator(mode="after")
     def _batch_after_accumulation(self) -> TrainConfig:

@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,37 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
-from mnist_dist import data, tracking
+from mnist_dist import checkpoint, data, tracking
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 from mnist_dist.model import MnistModel
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary because a stop was requested (SIGUSR2/SIGTERM, drill)."""
+
+    def __init__(self, epoch: int, step: int, losses_sum: float) -> None:
+        super().__init__(f"stopped in epoch {epoch} before step {step}")
+        self.epoch, self.step, self.losses_sum = epoch, step, losses_sum
+
+
+class StopFlag:
+    """Set from a signal handler (only a flag: the save happens at the next step boundary), or at a
+    chosen (epoch, step) for the preemption drill. With several processes it is all-reduced every
+    `every` steps, so all of them stop at the same step."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.requested = False
+        self.at: tuple[int, int] | None = None
+
+    def request(self, *_: Any) -> None:
+        self.requested = True
+
+    def poll(self, epoch: int, step: int) -> bool:
+        if self.at is not None and (epoch, step) >= self.at:
+            self.requested = True
+        return self.requested
 
 
 def _accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
@@ -64,6 +91,8 @@ class Engine:
         self.wandb_mode: str | None = None
         self._graph: _CapturedStep | None = None
         self._graphs_failed = False
+        self.stop = StopFlag(cfg.checkpoint.stop_check_steps)
+        self.logged_through = -1  # last epoch the tracker has
         set_seed(cfg.seed)
 
     @property
@@ -147,16 +176,20 @@ class Engine:
         *,
         phase: int,
         first_epoch: int,
-        on_epoch: Callable[[dict[str, Any]], None],
-    ) -> list[dict[str, Any]]:
-        """`epochs` epochs of SGD at `lr`; returns one history entry per epoch."""
+        resume_at: tuple[int, float] = (0, 0.0),
+    ) -> Iterator[dict[str, Any]]:
+        """`epochs` epochs of SGD at `lr`, yielding one history entry per epoch.
+
+        resume_at = (step, sum of the step losses before it) continues the first epoch mid-way.
+        Raises Preempted at a step boundary when a stop was requested, FloatingPointError on a
+        non-finite loss (before the entry is yielded, so no checkpoint of it is written).
+        """
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        history = []
         for epoch in range(first_epoch, first_epoch + epochs):
             start = time.perf_counter()
             train.set_epoch(epoch)
-            train_loss = self._train_epoch(train, epoch)
+            train_loss = self._train_epoch(train, epoch, *(resume_at if epoch == first_epoch else (0, 0.0)))
             entry = {
                 "phase": phase,
                 "epoch": epoch,
@@ -169,11 +202,11 @@ class Engine:
                 raise FloatingPointError(
                     f"training loss is {train_loss} in phase {phase + 1}, epoch {epoch}, lr {lr:g}"
                 )
-            history.append(entry)
-            on_epoch(entry)
-        return history
+            yield entry
 
-    def _train_epoch(self, train: data.ShardedBatches, epoch: int) -> float:
+    def _train_epoch(
+        self, train: data.ShardedBatches, epoch: int, start_step: int, prior_sum: float
+    ) -> float:
         model, core, accelerator = self.model, self.core, self.accelerator
         backward, optimizer_step, zero_grad = self.backward, self.optimizer_step, self.zero_grad
         model.train()
@@ -192,7 +225,15 @@ class Engine:
         last = len(sizes) - 1
         graph = self._captured_step(train)
         losses: list[torch.Tensor] = []  # stacked once at the end: cheaper than an add per step
+        check = self.stop.every if self.world > 1 else 1
         for i, (rows, size) in enumerate(self._progress(train.indices(), len(train), epoch)):
+            if i < start_step:  # resuming mid-epoch: same permutation, these steps are done
+                continue
+            if i > start_step and i % check == 0 and self._stop_agreed(epoch, i):
+                done = prior_sum + (torch.stack(losses).double().sum().item() if losses else 0.0)
+                if graph is not None:
+                    done += graph.take_loss_sum().item()
+                raise Preempted(epoch, i, done)
             if graph is not None and size == train.batch_size:
                 graph.replay(rows)
                 continue
@@ -211,8 +252,37 @@ class Engine:
         if graph is not None:
             losses.append(graph.take_loss_sum())
         # The mean of the per-step losses (each the mean over a batch), as the tutorial would average them.
-        totals = accelerator.reduce(torch.stack(losses).double().sum(), reduction="sum")
+        total = torch.stack(losses).double().sum() + prior_sum
+        totals = accelerator.reduce(total, reduction="sum")
         return totals.item() / (len(sizes) * self.world)
+
+    def _stop_agreed(self, epoch: int, step: int) -> bool:
+        """True on every process once any process was asked to stop (all-reduced with > 1 process)."""
+        flag = self.stop.poll(epoch, step)
+        if self.world == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "sum").item())
+
+    def save_checkpoint(self, run_dir: Path, progress: checkpoint.Progress, keep: int) -> None:
+        """Every process saves its part (Accelerate's save_state) into a temporary folder; the main
+        process seals it with hashes and renames it into place."""
+        tmp = checkpoint.temporary(run_dir, progress)
+        if self.is_main:
+            checkpoint.clear_temporaries(run_dir)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp), safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_main:
+            checkpoint.seal(tmp, progress)
+            checkpoint.publish(tmp, run_dir, progress, keep)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.accelerator.load_state(str(path))
+        self._graph = None  # captured against the old lr and state: capture again
 
     def _captured_step(self, train: data.ShardedBatches) -> _CapturedStep | None:
         """The CUDA-graph step for this lr, captured on first use; None where graphs do not apply."""
@@ -275,7 +345,9 @@ class Engine:
                     init_kwargs=tracking.init_kwargs(cfg, self.run_dir, attempt, run_id),
                 )
                 self.wandb_mode = attempt if cfg.tracker == "wandb" else None
-                return self._tracker_info()
+                info = self._tracker_info()
+                self.logged_through = self._last_logged_epoch(info.get("run_id"))
+                return info
             except Exception as e:
                 self.print(f"warning: {cfg.tracker} tracker ({attempt}) did not start: {e}".splitlines()[0])
         self.accelerator.trackers = []
@@ -293,12 +365,26 @@ class Engine:
             "dir": str(Path(run.dir).parent),
         }
 
+    def _last_logged_epoch(self, run_id: str | None) -> int:
+        """The last epoch this W&B run already has (resumed runs): from its earlier offline files, or
+        from the summary an online run resumes with."""
+        if self.cfg.tracker != "wandb" or run_id is None:
+            return -1
+        last = tracking.last_logged_epoch(self.run_dir, run_id)
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        with contextlib.suppress(Exception):
+            last = max(last, int(run.summary.get("epoch", -1)))
+        return last
+
     def log(self, entry: dict[str, Any]) -> None:
-        if self.accelerator.trackers:
-            try:
-                self.accelerator.log(tracking.entry_metrics(entry), step=entry["epoch"])
-            except Exception as e:
-                self.print(f"warning: tracker log failed: {e}".splitlines()[0])
+        """Send an entry to the tracker, once: epochs it already has (before a resume) are skipped."""
+        if not self.accelerator.trackers or entry["epoch"] <= self.logged_through:
+            return
+        try:
+            self.accelerator.log(tracking.entry_metrics(entry), step=entry["epoch"])
+            self.logged_through = entry["epoch"]
+        except Exception as e:
+            self.print(f"warning: tracker log failed: {e}".splitlines()[0])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.accelerator.get_state_dict(self.model)

@@ -47,7 +47,8 @@ class RunDir:
     def __init__(self, path: Path) -> None:
         self.path = path
 
-    def create(self) -> None:
+    def create(self, history: list[dict[str, Any]] | None = None) -> None:
+        """Make the folder; metrics.jsonl starts over, or from the history of a resumed checkpoint."""
         try:
             # 0700: run folders hold pickles that cluster jobs execute, and W&B run files.
             self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -55,7 +56,7 @@ class RunDir:
             raise UserError(
                 f"cannot create output dir {self.path} ({e.strerror}); pass another --output-dir"
             ) from None
-        (self.path / "metrics.jsonl").write_text("")
+        write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in history or []))
 
     def write_config(self, cfg: TrainConfig) -> None:
         write_atomic(self.path / "config.yaml", cfg.to_yaml())
@@ -91,7 +92,7 @@ class RunDir:
 class NullRunDir(RunDir):
     """What processes other than the main one get: every write is a no-op."""
 
-    def create(self) -> None: ...
+    def create(self, history: list[dict[str, Any]] | None = None) -> None: ...
     def write_config(self, cfg: TrainConfig) -> None: ...
     def append_metrics(self, entry: dict[str, Any]) -> None: ...
     def write_history(self, history: list[dict[str, Any]]) -> None: ...

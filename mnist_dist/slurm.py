@@ -16,7 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,32 +166,60 @@ def sbatch_script(ex: Any) -> str:
 class TrainJob:
     """The callable every Slurm task runs: rank facts from SLURM's variables, then the usual training.
 
-    A submitit Checkpointable in behaviour: on USR2 (time limit, preemption) submitit calls
-    checkpoint(), which returns this same job for requeue.
+    Preemption and time limits: Slurm sends USR2 (submitit's signal, `signal_delay_s` before the
+    limit) or SIGTERM. The handler only sets a flag; at the next step boundary all ranks agree, save
+    a checkpoint together, and rank 0 hands over to submitit, which calls checkpoint() and requeues
+    the job. The requeued job resumes from that checkpoint, with the same W&B run id.
     """
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config  # plain data: the pickle submitit writes holds no framework objects
 
     def __call__(self) -> dict[str, Any]:
+        import signal
+
         import submitit
+
+        from mnist_dist.engine import Preempted, StopFlag
+        from mnist_dist.train import run
 
         env = submitit.helpers.TorchDistributedEnvironment()
         # All GPUs of the node stay visible: Accelerate puts rank r on cuda:LOCAL_RANK itself.
         env.export(set_cuda_visible_devices=False)
         job = submitit.JobEnvironment()
         cfg = TrainConfig.model_validate(self.config)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
         print(
-            f"task {job.global_rank}/{job.num_tasks} on {job.hostname} (node {job.node}), "
-            f"master {env.master_addr}:{env.master_port}",
+            f"task {job.global_rank}/{job.num_tasks} on {job.hostname} (node {job.node}), master "
+            f"{env.master_addr}:{env.master_port}, restart {restarts}",
             flush=True,
         )
-        from mnist_dist.train import run
-
-        history = run(cfg)
+        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+        stop = StopFlag(cfg.checkpoint.stop_check_steps)
+        signal.signal(signal.SIGUSR2, stop.request)
+        signal.signal(signal.SIGTERM, stop.request)
+        try:
+            history = run(cfg, resume="auto", stop=stop)
+        except Preempted as e:
+            print(f"preempted: {e}; checkpoint saved", flush=True)
+            if job.global_rank != 0:
+                sys.exit(-1)  # rank 0 requeues the whole job
+            if restarts >= cfg.max_requeues:
+                raise RuntimeError(
+                    f"not requeued: the job was already requeued {restarts} time(s) (max_requeues "
+                    f"{cfg.max_requeues}); its checkpoint is in {cfg.run_dir()}/checkpoints, resume with "
+                    "`mnist-dist submit` into the same --output-dir"
+                ) from None
+            if callable(requeue):
+                try:
+                    requeue(signal.SIGUSR2, None)  # checkpoint() -> scontrol requeue -> exit
+                except subprocess.CalledProcessError as err:  # Slurm is requeueing it already
+                    print(f"requeue by submitit failed ({err}); exiting for Slurm's own requeue", flush=True)
+            sys.exit(-1)
         return {"entries": len(history), "final_val_acc": history[-1]["val_acc"], "job_id": job.job_id}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """What submitit requeues: this same job; the training state is in the run's checkpoints."""
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.config))
@@ -245,11 +273,3 @@ def submit(cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any
 
 def submission_json(sub: Submission) -> str:
     return json.dumps({"job_id": sub.job_id, "run_dir": sub.run_dir})
-
-
-def as_dict(sub: Submission) -> dict[str, Any]:
-    return asdict(sub)
-
-
-def in_slurm_job() -> bool:
-    return "SLURM_JOB_ID" in os.environ

@@ -57,6 +57,28 @@ def init_kwargs(cfg: TrainConfig, run_dir: Path, mode: str, run_id: str | None =
     return {}
 
 
+def job_run_id() -> str | None:
+    """In a Slurm job, a W&B run id that every requeue of the job gets again: one run per job."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    return f"{os.environ.get('SLURM_CLUSTER_NAME', 'slurm')}-{job}"
+
+
+def last_logged_epoch(run_dir: Path, run_id: str | None) -> int:
+    """The last epoch an earlier offline W&B run with this id logged (-1: none): on resume, entries
+    up to it are not logged again, so a run has each epoch once."""
+    last = -1
+    for path in wandb_run_files(run_dir):
+        if run_id and path.stem == f"run-{run_id}":
+            try:
+                rows = read_wandb_run(path)["history"]
+            except (ValueError, OSError):
+                continue
+            last = max([last, *(int(r["epoch"]) for r in rows if "epoch" in r)])
+    return last
+
+
 def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     # TensorBoard's hparams take only scalars; W&B shows nested sections.
     return cfg.flat() if cfg.tracker == "tensorboard" else cfg.model_dump(mode="json")

@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.outputs import NullRunDir, RunDir, check_output_dir
+from mnist_dist.tracking import job_run_id as tracking_job_id
+
+if TYPE_CHECKING:
+    from mnist_dist.engine import StopFlag
 
 
 def format_entry(entry: dict[str, Any], phases: int) -> str:
@@ -70,19 +75,46 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run(cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Train as the config says, write the run directory (main process) and return the history."""
-    from mnist_dist import data
-    from mnist_dist.engine import Engine
+def run(
+    cfg: TrainConfig,
+    resume: str = "auto",
+    force: bool = False,
+    stop: StopFlag | None = None,
+) -> list[dict[str, Any]]:
+    """Train as the config says, write the run directory (main process) and return the history.
+
+    resume: `auto` continues from the newest sound checkpoint in the run directory, `never` starts
+    over (deleting the old checkpoints), a path resumes from that checkpoint. A checkpoint of a
+    different config is refused unless `force`. Raises Preempted after saving when `stop` is set.
+    """
+    from mnist_dist import checkpoint, data
+    from mnist_dist.engine import Engine, Preempted
     from mnist_dist.model import MnistModel
 
     run_dir = cfg.run_dir()
     check_output_dir(run_dir)
     engine = Engine(cfg, run_dir)
+    if stop is not None:
+        engine.stop = stop
     out = RunDir(run_dir) if engine.is_main else NullRunDir(run_dir)
     info: dict[str, Any] = {"name": cfg.name, "status": "running", "start_time": _now()}
+    history: list[dict[str, Any]] = []
+    progress = checkpoint.Progress(
+        epochs_done=0, fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json")
+    )
     try:
-        out.create()
+        if resume == "never" and engine.is_main:
+            shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
+        chosen = checkpoint.choose(run_dir, resume, log=engine.print)
+        if chosen is not None:
+            path, found = chosen
+            if not force:
+                checkpoint.check_matches(found, cfg, path)
+            progress.__dict__.update(
+                {k: v for k, v in found.__dict__.items() if k not in ("fingerprint", "config")}
+            )
+            history = list(found.history)
+        out.create(history)
         engine.print(f"mnist-dist {cfg.name}: resolved config\n{cfg.to_yaml().rstrip()}")
         out.write_config(cfg)
 
@@ -90,43 +122,88 @@ def run(cfg: TrainConfig) -> list[dict[str, Any]]:
         train_split, val_split = data.random_split(full, cfg.data.val_size, cfg.data.split_seed)
         train_batches, val_batches = engine.loaders(train_split, val_split)
         engine.prepare(MnistModel(cfg.model.hidden_size), cfg.phases[0].lr)
+        if chosen is not None:
+            engine.load_checkpoint(chosen[0])
+            where = (
+                f"epoch {progress.epochs_done + 1}, step {progress.step}"
+                if progress.step
+                else (f"the end of epoch {progress.epochs_done}")
+            )
+            engine.print(f"resuming from {chosen[0]} at {where}")
 
         info.update(engine.facts(train_batches), versions=_versions(), git_commit=_git_commit())
-        info["tracking"] = engine.start_tracking()
+        info["tracking"] = engine.start_tracking(progress.tracker_run_id or tracking_job_id())
+        progress.tracker_run_id = info["tracking"].get("run_id")
+        if chosen is not None:
+            info["resumed_from"] = str(chosen[0])
         engine.print(
             f"{info['world_size']} process(es) on {info['device']}, precision {info['precision']}, "
             f"run dir {run_dir}"
         )
+        for entry in history:  # what the tracker may have missed before the interruption
+            engine.log(entry)
 
         def record(entry: dict[str, Any]) -> None:
             engine.print(format_entry(entry, len(cfg.phases)))
             out.append_metrics(entry)
             engine.log(entry)
 
-        start = time.perf_counter()
-        history = [
-            {
-                "phase": None,
-                "epoch": 0,
-                "lr": None,
-                **engine.evaluate(val_batches),
-                "train_loss": None,
-                "seconds": round(time.perf_counter() - start, 4),
-            }
-        ]
-        record(history[0])
-        epoch = 1
-        for index, phase in enumerate(cfg.phases):
-            history += engine.fit(
-                phase.epochs,
-                phase.lr,
-                train_batches,
-                val_batches,
-                phase=index,
-                first_epoch=epoch,
-                on_epoch=record,
+        def save(epochs_done: int, step: int = 0, losses_sum: float = 0.0) -> None:
+            progress.epochs_done, progress.step, progress.step_losses_sum = epochs_done, step, losses_sum
+            progress.history = history
+            engine.save_checkpoint(run_dir, progress, cfg.checkpoint.keep)
+
+        start = time.perf_counter() - progress.train_seconds
+        if not history:
+            history.append(
+                {
+                    "phase": None,
+                    "epoch": 0,
+                    "lr": None,
+                    **engine.evaluate(val_batches),
+                    "train_loss": None,
+                    "seconds": round(time.perf_counter() - start, 4),
+                }
             )
-            epoch += phase.epochs
+            record(history[0])
+        epoch = 1
+        try:
+            for index, phase in enumerate(cfg.phases):
+                last = epoch + phase.epochs - 1
+                first = max(epoch, progress.epochs_done + 1)
+                if first <= last:
+                    resume_at = (
+                        (progress.step, progress.step_losses_sum)
+                        if first == progress.epochs_done + 1
+                        else (0, 0.0)
+                    )
+                    for entry in engine.fit(
+                        last - first + 1,
+                        phase.lr,
+                        train_batches,
+                        val_batches,
+                        phase=index,
+                        first_epoch=first,
+                        resume_at=resume_at,
+                    ):
+                        history.append(entry)
+                        progress.train_seconds = time.perf_counter() - start
+                        every = cfg.checkpoint.every_epochs
+                        if every and (entry["epoch"] % every == 0 or entry["epoch"] == cfg.total_epochs):
+                            save(entry["epoch"])
+                        record(entry)
+                    progress.step = 0
+                epoch = last + 1
+        except Preempted as p:
+            progress.train_seconds = time.perf_counter() - start
+            save(p.epoch - 1, p.step, p.losses_sum)
+            engine.print(
+                f"stopped on request in epoch {p.epoch} before step {p.step}; checkpoint saved in "
+                f"{checkpoint.folder(run_dir) / progress.name}"
+            )
+            info.update(status="preempted", end_time=_now(), stopped_at={"epoch": p.epoch, "step": p.step})
+            out.write_run_info(info)
+            raise
         info["train_seconds"] = round(time.perf_counter() - start, 4)
 
         out.write_history(history)
@@ -140,9 +217,10 @@ def run(cfg: TrainConfig) -> list[dict[str, Any]]:
         )
         return history
     except BaseException as e:
-        info.update(status="failed", end_time=_now(), error=f"{type(e).__name__}: {e}")
-        if (run_dir / "config.yaml").exists():
-            out.write_run_info(info)
+        if info["status"] == "running":
+            info.update(status="failed", end_time=_now(), error=f"{type(e).__name__}: {e}")
+            if (run_dir / "config.yaml").exists():
+                out.write_run_info(info)
         raise
     finally:
         engine.close()

@@ -1,0 +1,142 @@
+"""Checkpoints under RUN_DIR/checkpoints: written atomically, verified before use, kept to the last K.
+
+A checkpoint is the folder Accelerate's save_state writes (weights as safetensors, optimizer and
+per-process RNG states, loaded back with weights_only=True) plus progress.json: where training stands
+(epoch, step within it), the history so far, the tracker's run id, the config and its fingerprint,
+and the SHA-256 of every file. It is written under a temporary name and renamed into place, so a
+kill during a save never leaves a folder that resume would take.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.config import TrainConfig
+from mnist_dist.errors import UserError
+
+PROGRESS = "progress.json"
+NAME = re.compile(r"^epoch-(\d{4})(?:-step-(\d{6}))?$")
+
+
+@dataclass
+class Progress:
+    """Where training stands: `epochs_done` whole epochs, then `step` steps into the next one."""
+
+    epochs_done: int
+    step: int = 0
+    step_losses_sum: float = 0.0  # sum of the per-step losses of the partial epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
+    tracker_run_id: str | None = None
+    fingerprint: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0  # training time spent before this checkpoint
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        base = f"epoch-{self.epochs_done:04d}"
+        return f"{base}-step-{self.step:06d}" if self.step else base
+
+
+def folder(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def seal(tmp: Path, progress: Progress) -> None:
+    """Record every file's hash in progress.json (main process, after every process has written)."""
+    progress.files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != PROGRESS}
+    (tmp / PROGRESS).write_text(json.dumps(asdict(progress), indent=1) + "\n")
+
+
+def publish(tmp: Path, run_dir: Path, progress: Progress, keep: int) -> Path:
+    """Rename the sealed temporary folder into place, then drop all but the newest `keep`."""
+    target = folder(run_dir) / progress.name
+    if target.exists():  # the same point written again (a resumed run passing it): replace
+        shutil.rmtree(target)
+    tmp.rename(target)
+    for old in candidates(run_dir)[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def temporary(run_dir: Path, progress: Progress) -> Path:
+    return folder(run_dir) / f".tmp-{progress.name}"
+
+
+def clear_temporaries(run_dir: Path) -> None:
+    for tmp in folder(run_dir).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Published checkpoints, newest first."""
+    found = []
+    for p in folder(run_dir).glob("epoch-*"):
+        m = NAME.match(p.name)
+        if m and p.is_dir():
+            found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read(path: Path) -> Progress:
+    """The progress of a checkpoint whose files all match their recorded hashes; else UserError."""
+    meta = path / PROGRESS
+    try:
+        progress = Progress(**json.loads(meta.read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path} has no readable {PROGRESS} ({e})") from None
+    if not progress.files:
+        raise UserError(f"checkpoint {path} lists no files")
+    for name, digest in progress.files.items():
+        file = path / name
+        if not file.is_file() or _sha256(file) != digest:
+            raise UserError(f"checkpoint {path} is corrupt: {name} is missing or altered")
+    return progress
+
+
+def check_matches(progress: Progress, cfg: TrainConfig, path: Path) -> None:
+    """UserError unless the checkpoint was written by a config that decides the same numbers."""
+    if progress.fingerprint == cfg.fingerprint():
+        return
+    old, new = progress.config, cfg.model_dump(mode="json")
+    keys = ["seed", "phases", "batch_size", "val_batch_size", "grad_accum", "precision", "model", "data"]
+    changed = [k for k in keys if old.get(k) != new.get(k)] or ["(settings)"]
+    raise UserError(
+        f"checkpoint {path} was written by a different config ({', '.join(changed)} changed); "
+        "train into a new --output-dir, use --resume never to start over, or --force to resume anyway"
+    )
+
+
+def choose(run_dir: Path, resume: str, log: Any = print) -> tuple[Path, Progress] | None:
+    """The checkpoint to resume from: `never` none, `auto` the newest sound one, else the given path.
+
+    A corrupt newest checkpoint is skipped with a warning; an explicitly named one is an error.
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir() and not (path / PROGRESS).exists():  # a run directory: its newest checkpoint
+            found = candidates(path)
+            if not found:
+                raise UserError(f"--resume {resume}: no checkpoint in {folder(path)}")
+            path = found[0]
+        if not path.is_dir():
+            raise UserError(f"--resume {resume}: no such checkpoint folder")
+        return path, read(path)
+    for path in candidates(run_dir):
+        try:
+            return path, read(path)
+        except UserError as e:
+            log(f"warning: {e}; trying the previous checkpoint")
+    return None
