@@ -67,7 +67,8 @@ class Contender:
         env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
         ref = ["--data-dir", str(a.data_dir), "--phases", a.phases, "--device", a.device]
         if self.name.startswith("mnist-dist"):
-            tracker = "wandb" if self.name == "mnist-dist+wandb" else "none"
+            full = self.name == "mnist-dist+wandb+ckpt"
+            tracker = "wandb" if full else "none"
             out = self.tmp / f"run{rep}"
             cmd = [
                 PY,
@@ -88,6 +89,10 @@ class Contender:
                 str(out),
                 "--device",
                 a.device,
+                # The plain row: tracker and checkpoints off; the full row: W&B offline, a checkpoint
+                # every epoch (the default).
+                "--set",
+                f"checkpoint.every_epochs={1 if full else 0}",
             ]
             return cmd, env
         script = {"tutorial": "tutorial.py", "bare loop": "bare_loop.py", "lightning": "lightning_mnist.py"}
@@ -314,7 +319,7 @@ def main() -> None:
         check=True,
         cwd=ROOT,
     )
-    names = ["mnist-dist", "mnist-dist+wandb", "bare loop", "lightning", "tutorial"]
+    names = ["mnist-dist", "mnist-dist+wandb+ckpt", "bare loop", "lightning", "tutorial"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     contenders = [Contender(n, args) for n in names]

@@ -268,8 +268,9 @@ class Engine:
         process seals it with hashes and renames it into place."""
         tmp = checkpoint.temporary(run_dir, progress)
         if self.is_main:
+            checkpoint.folder(run_dir).mkdir(mode=0o700, exist_ok=True)  # weights, RNG states: owner only
             checkpoint.clear_temporaries(run_dir)
-            tmp.mkdir(parents=True)
+            tmp.mkdir(mode=0o700)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
         self.accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-CONTENDERS = ["mnist-dist", "mnist-dist+wandb", "bare loop", "lightning", "tutorial"]
+CONTENDERS = ["mnist-dist", "mnist-dist+wandb+ckpt", "bare loop", "lightning", "tutorial"]
 
 
 def test_quick_benchmark_runs_every_contender(tmp_path: Path, data_env: dict[str, str]):

@@ -305,3 +305,59 @@ def test_sync_wraps_wandb_sync(jobs: dict, slurm_env: dict[str, str]):
     assert len(lines) == 1 and lines[0].endswith(f"sync {tracking.wandb_run_files(run_dir)[0].parent}")
     proc = run_cli("sync", run_dir.parent, env=slurm_env)
     assert proc.returncode == 2 and "has no W&B offline run" in proc.stderr
+
+
+def _preempt(env: dict[str, str], job: str, sig: str) -> None:
+    """Signal a running job once it has trained 2 epochs; release its requeue at once (BeginTime)."""
+    wait(env, job, until=lambda s: s["state"] == "RUNNING" and s.get("epochs_done", 0) >= 2)
+    subprocess.run(["scancel", f"--signal={sig}", job], check=True)
+    info = wait(env, job, until=lambda s: s["state"] in ("PENDING", "REQUEUED") or s["finished"], timeout=120)
+    assert info["state"] in ("PENDING", "REQUEUED") and not info["finished"], info
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
+def test_usr2_preemption_requeues_and_resumes_with_one_wandb_run(
+    cluster: int, slurm_env: dict[str, str], seed_run: Path, tmp_path: Path
+):
+    out = tmp_path / "usr2"
+    job = submit(slurm_env, out, "--tracker", "wandb")
+    _preempt(slurm_env, job, "USR2")
+    info = wait(slurm_env, job)
+    assert info["state"] == "COMPLETED", info
+    logs = ok(run_cli("logs", job, env=slurm_env)).stdout
+    assert "preempted: stopped in epoch" in logs and "resuming from" in logs and "restart 1" in logs
+    history = load_json(out / "history.json")
+    assert [e["epoch"] for e in history] == list(range(11))
+    local = load_json(seed_run / "history.json")
+    assert [(e["val_loss"], e["val_acc"]) for e in history] == [(e["val_loss"], e["val_acc"]) for e in local]
+    runs = [tracking.read_wandb_run(f) for f in tracking.wandb_run_files(out)]
+    assert len(runs) == 2 and len({r["id"] for r in runs}) == 1, "one W&B run id across the requeue"
+    epochs = sorted(row["epoch"] for r in runs for row in r["history"])
+    assert epochs == list(range(11)), "no epoch missing or logged twice"
+
+
+def test_sigterm_then_requeue_with_two_tasks(
+    cluster: int, slurm_env: dict[str, str], seed_run: Path, tmp_path: Path
+):
+    out = tmp_path / "term"
+    job = submit(slurm_env, out, "--tracker", "none", "--partition", "cpu", "--tasks-per-node", "2")
+    _preempt(slurm_env, job, "TERM")
+    info = wait(slurm_env, job)
+    assert info["state"] == "COMPLETED", info
+    run = load_json(out / "run.json")
+    assert run["world_size"] == 2 and "resumed_from" in run
+    for a, b in zip(load_json(out / "history.json"), load_json(seed_run / "history.json"), strict=True):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-4 and abs(a["val_acc"] - b["val_acc"]) <= 1e-4
+
+
+def test_requeues_are_bounded_and_the_reason_is_shown(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path
+):
+    out = tmp_path / "bounded"
+    job = submit(slurm_env, out, "--tracker", "none", "--set", "max_requeues=0")
+    wait(slurm_env, job, until=lambda s: s["state"] == "RUNNING" and s.get("epochs_done", 0) >= 2)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    info = wait(slurm_env, job)
+    assert info["state"] == "FAILED", info
+    assert "not requeued: the job was already requeued 0 time(s) (max_requeues 0)" in info["error"]
+    assert list((out / "checkpoints").glob("epoch-*-step-*")), "the state is saved for a manual resume"
