@@ -238,14 +238,20 @@ def logs(
 
     from mnist_dist import jobs
 
-    shown = 0
+    files = jobs.log_files(job, task)
+    shown = [0, 0]
     while True:
-        text = jobs.read_logs(job, task)
-        print(text[shown:], end="", flush=True)
-        shown = len(text)
-        if not follow or jobs.status(job)["finished"]:
-            if follow:  # the last lines written after the state changed
-                print(jobs.read_logs(job, task)[shown:], end="", flush=True)
+        # Read after deciding: the lines written before the job ended are still printed.
+        done = not follow or jobs.status(job)["finished"]
+        for i, path in enumerate(files):
+            if path.exists():
+                with path.open("rb") as f:
+                    f.seek(shown[i])
+                    chunk = f.read()
+                shown[i] += len(chunk)
+                sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+        if done:
             return
         clock.sleep(1)
 

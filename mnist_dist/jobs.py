@@ -99,6 +99,12 @@ def _scontrol(job_id: str) -> dict[str, str] | None:
     }
 
 
+def slurm_state(job_id: str) -> str | None:
+    """What Slurm says of the job right now (COMPLETING after an scancel), or None if it cannot say."""
+    found = _scontrol(job_id)
+    return found["state"] if found else None
+
+
 class _PlainData(pickle.Unpickler):
     """submitit's result file, read without running code: only builtins' containers and scalars."""
 
@@ -181,7 +187,8 @@ def cancel(job: str) -> dict[str, Any]:
     return status(record["job_id"])
 
 
-def read_logs(job: str, task: int = 0) -> str:
+def log_files(job: str, task: int = 0) -> tuple[Path, Path]:
+    """(stdout, stderr) of one task of a job submitted by mnist-dist."""
     record = lookup(job)
     paths = log_paths(record, task)
     if paths is None:
@@ -189,16 +196,10 @@ def read_logs(job: str, task: int = 0) -> str:
             f"job {record['job_id']} was not submitted by mnist-dist: its logs are where its "
             "sbatch script says"
         )
-    out, err = paths
-    if not out.exists() and not err.exists():
-        n_tasks = int(record.get("nodes", 1)) * int(record.get("tasks_per_node", 1))
-        if task >= n_tasks:
-            raise UserError(f"--task {task}: job {record['job_id']} has tasks 0..{n_tasks - 1}")
-        return ""
-    text = out.read_text(errors="replace") if out.exists() else ""
-    if err.exists() and err.stat().st_size:
-        text += ("" if text.endswith("\n") or not text else "\n") + err.read_text(errors="replace")
-    return text
+    n_tasks = int(record.get("nodes", 1)) * int(record.get("tasks_per_node", 1))
+    if not 0 <= task < n_tasks:
+        raise UserError(f"--task {task}: job {record['job_id']} has tasks 0..{n_tasks - 1}")
+    return paths
 
 
 def history(job_or_dir: str) -> list[dict[str, Any]]:

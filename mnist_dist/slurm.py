@@ -204,6 +204,12 @@ class TrainJob:
             print(f"preempted: {e}; checkpoint saved", flush=True)
             if job.global_rank != 0:
                 sys.exit(-1)  # rank 0 requeues the whole job
+            from mnist_dist.jobs import slurm_state
+
+            state = slurm_state(job.job_id)
+            if state not in (None, "RUNNING"):  # scancel sends SIGTERM too: a cancel is not a preemption
+                print(f"job is {state}: not requeued", flush=True)
+                sys.exit(-1)
             if restarts >= cfg.max_requeues:
                 raise RuntimeError(
                     f"not requeued: the job was already requeued {restarts} time(s) (max_requeues "

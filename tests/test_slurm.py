@@ -41,12 +41,23 @@ def cluster() -> int:
 def slurm_env(tmp_path_factory: pytest.TempPathFactory, data_env: dict[str, str]) -> dict[str, str]:
     state = tmp_path_factory.mktemp("state")
     # eth0: the test hosts' interface; without it gloo binds the loopback and ranks on two hosts never meet.
+    # Secrets in the submitting environment (sbatch exports it to the job) must reach no file of ours;
+    # WANDB_MODE=offline, as the key would otherwise send W&B online (no network here).
     return {
         **data_env,
         "MNIST_DIST_STATE_DIR": str(state),
         "GLOO_SOCKET_IFNAME": "eth0",
         "PATH": f"{Path(sys.executable).parent}:{data_env['PATH']}",
+        **SECRETS,
+        "WANDB_MODE": "offline",
     }
+
+
+SECRETS = {
+    "WANDB_API_KEY": "wandbkey-slurm-0123456789abcdef0123456789abcdef0123",
+    "DB_ACCESS_TOKEN": "tok-slurm-5e4d3c2b1a",
+    "S3_SECRET": "s3-secret-31337",
+}
 
 
 def submit(env: dict[str, str], out: Path, *args: str) -> str:
@@ -98,6 +109,11 @@ def test_submit_seed_config_completes(jobs: dict, slurm_env: dict[str, str]):
     wb = tracking.read_wandb_run(files[0])
     assert wb["name"] == f"seed-{job}" and len(wb["history"]) == 11
     assert (run_dir.stat().st_mode & 0o777) == 0o700
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pkl" for p in files) and any(p.name.endswith("_log.out") for p in files)
+    for p in files:  # config, run.json, logs, submitit's pickles, checkpoints, the W&B run
+        blob = p.read_bytes()
+        assert not [name for name, value in SECRETS.items() if value.encode() in blob], p
 
 
 @pytest.mark.parametrize(("name", "hosts"), [("1x2", 1), ("2x1", 2)])
@@ -135,6 +151,13 @@ def test_status_logs_history_of_a_finished_job(jobs: dict, slurm_env: dict[str, 
     Path(slurm_env["MNIST_DIST_STATE_DIR"], "jobs", "999999.json").write_text(json.dumps(forgotten))
     info = status(slurm_env, "999999")
     assert info["state"] == "COMPLETED" and info["source"] == "submitit" and info["finished"]
+
+
+def test_logs_follow_streams_until_the_job_ends(cluster: int, slurm_env: dict[str, str], tmp_path: Path):
+    job = submit(slurm_env, tmp_path / "follow", "-c", str(ROOT / "configs/smoke.yaml"))
+    proc = ok(run_cli("logs", job, "--follow", env=slurm_env, timeout=300))
+    assert "Epoch [2], val_loss:" in proc.stdout and "done in" in proc.stdout
+    assert status(slurm_env, job)["state"] == "COMPLETED"
 
 
 def test_the_plain_sbatch_template_runs_on_two_nodes(cluster: int, slurm_env: dict[str, str], tmp_path: Path):
@@ -307,9 +330,18 @@ def test_sync_wraps_wandb_sync(jobs: dict, slurm_env: dict[str, str]):
     assert proc.returncode == 2 and "has no W&B offline run" in proc.stderr
 
 
-def _preempt(env: dict[str, str], job: str, sig: str) -> None:
+def _after_epochs(run_dir: Path, epochs: int, timeout: float = 300) -> None:
+    """Return as soon as the run has logged `epochs` epochs (polled fast: the seed run is seconds long)."""
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > epochs):
+        assert time.monotonic() < deadline, f"{run_dir} did not reach epoch {epochs}"
+        time.sleep(0.05)
+
+
+def _preempt(env: dict[str, str], job: str, run_dir: Path, sig: str) -> None:
     """Signal a running job once it has trained 2 epochs; release its requeue at once (BeginTime)."""
-    wait(env, job, until=lambda s: s["state"] == "RUNNING" and s.get("epochs_done", 0) >= 2)
+    _after_epochs(run_dir, 2)
     subprocess.run(["scancel", f"--signal={sig}", job], check=True)
     info = wait(env, job, until=lambda s: s["state"] in ("PENDING", "REQUEUED") or s["finished"], timeout=120)
     assert info["state"] in ("PENDING", "REQUEUED") and not info["finished"], info
@@ -321,7 +353,7 @@ def test_usr2_preemption_requeues_and_resumes_with_one_wandb_run(
 ):
     out = tmp_path / "usr2"
     job = submit(slurm_env, out, "--tracker", "wandb")
-    _preempt(slurm_env, job, "USR2")
+    _preempt(slurm_env, job, out, "USR2")
     info = wait(slurm_env, job)
     assert info["state"] == "COMPLETED", info
     logs = ok(run_cli("logs", job, env=slurm_env)).stdout
@@ -341,7 +373,7 @@ def test_sigterm_then_requeue_with_two_tasks(
 ):
     out = tmp_path / "term"
     job = submit(slurm_env, out, "--tracker", "none", "--partition", "cpu", "--tasks-per-node", "2")
-    _preempt(slurm_env, job, "TERM")
+    _preempt(slurm_env, job, out, "TERM")
     info = wait(slurm_env, job)
     assert info["state"] == "COMPLETED", info
     run = load_json(out / "run.json")
@@ -355,7 +387,7 @@ def test_requeues_are_bounded_and_the_reason_is_shown(
 ):
     out = tmp_path / "bounded"
     job = submit(slurm_env, out, "--tracker", "none", "--set", "max_requeues=0")
-    wait(slurm_env, job, until=lambda s: s["state"] == "RUNNING" and s.get("epochs_done", 0) >= 2)
+    _after_epochs(out, 2)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     info = wait(slurm_env, job)
     assert info["state"] == "FAILED", info
