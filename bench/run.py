@@ -57,6 +57,32 @@ def last_json(text: str) -> dict[str, Any]:
     raise ValueError("no JSON result line")
 
 
+def train_args(
+    args: argparse.Namespace, out: Path, *extra: str, device: str | None = None, tracker: str = "none"
+) -> list[str]:
+    """`python` arguments of one `mnist-dist train` of the seed config."""
+    return [
+        "-m",
+        "mnist_dist.cli",
+        "train",
+        "-c",
+        str(ROOT / "configs/seed.yaml"),
+        "--phases",
+        args.phases,
+        "--tracker",
+        tracker,
+        "--progress",
+        "off",
+        "--data-dir",
+        str(args.data_dir),
+        "--device",
+        device or args.device,
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
+
+
 class Contender:
     def __init__(self, name: str, args: argparse.Namespace) -> None:
         self.name, self.args = name, args
@@ -70,29 +96,11 @@ class Contender:
             full = self.name == "mnist-dist+wandb+ckpt"
             tracker = "wandb" if full else "none"
             out = self.tmp / f"run{rep}"
+            # The plain row: tracker and checkpoints off; the full row: W&B offline, a checkpoint
+            # every epoch (the default).
             cmd = [
                 PY,
-                "-m",
-                "mnist_dist.cli",
-                "train",
-                "-c",
-                str(ROOT / "configs/seed.yaml"),
-                "--phases",
-                a.phases,
-                "--tracker",
-                tracker,
-                "--progress",
-                "off",
-                "--data-dir",
-                str(a.data_dir),
-                "--output-dir",
-                str(out),
-                "--device",
-                a.device,
-                # The plain row: tracker and checkpoints off; the full row: W&B offline, a checkpoint
-                # every epoch (the default).
-                "--set",
-                f"checkpoint.every_epochs={1 if full else 0}",
+                *train_args(a, out, "--set", f"checkpoint.every_epochs={int(full)}", tracker=tracker),
             ]
             return cmd, env
         script = {"tutorial": "tutorial.py", "bare loop": "bare_loop.py", "lightning": "lightning_mnist.py"}
@@ -156,26 +164,17 @@ def startup(reps: int) -> dict[str, float]:
 def two_processes(args: argparse.Namespace) -> dict[str, Any]:
     """1 process vs 2 gloo processes on this CPU, same config: time and history difference."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-2proc-"))
-    base = [
-        "-m",
-        "mnist_dist.train",
-        "-c",
-        str(ROOT / "configs/seed.yaml"),
-        "--phases",
-        args.phases,
-        "--tracker",
-        "none",
-        "--progress",
-        "off",
-        "--data-dir",
-        str(args.data_dir),
-        "--device",
-        "cpu",
-    ]
     launch = str(Path(PY).with_name("accelerate"))
-    one = run_wait4([PY, *base, "--output-dir", str(tmp / "one")])
+    one = run_wait4([PY, *train_args(args, tmp / "one", device="cpu")])
     two = run_wait4(
-        [launch, "launch", "--multi_gpu", "--num_processes", "2", *base, "--output-dir", str(tmp / "two")]
+        [
+            launch,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            *train_args(args, tmp / "two", device="cpu"),
+        ]
     )
     for r in (one, two):
         if r["returncode"]:
@@ -198,28 +197,7 @@ def seeds(args: argparse.Namespace) -> dict[str, Any]:
     accs = []
     for seed in range(args.seeds):
         out = tmp / f"s{seed}"
-        r = run_wait4(
-            [
-                PY,
-                "-m",
-                "mnist_dist.cli",
-                "train",
-                "--seed",
-                str(seed),
-                "--phases",
-                args.phases,
-                "--tracker",
-                "none",
-                "--progress",
-                "off",
-                "--data-dir",
-                str(args.data_dir),
-                "--device",
-                args.device,
-                "--output-dir",
-                str(out),
-            ]
-        )
+        r = run_wait4([PY, *train_args(args, out, "--seed", str(seed))])
         if r["returncode"]:
             raise RuntimeError(r["stderr"][-3000:])
         accs.append(json.loads((out / "history.json").read_text())[-1]["val_acc"])

@@ -13,6 +13,8 @@ from mnist_dist.config import TrainConfig
 
 from conftest import ROOT, accelerate_launch, load_json, ok, run_cli
 
+# Two gloo processes on a CPU-only machine (MULTI_GPU's launcher; Accelerate reports MULTI_CPU inside).
+TWO_GLOO = ("--multi_gpu", "--num_processes", "2", "-m", "mnist_dist.train")
 RUN_FILES = [
     "config.yaml",
     "history.json",
@@ -99,11 +101,7 @@ def test_seed_run_prints_the_tutorial_lines(tmp_path: Path, data_env: dict[str, 
 def test_two_gloo_processes_match_one_process(seed_run: Path, tmp_path: Path, data_env: dict[str, str]):
     out = tmp_path / "two"
     proc = accelerate_launch(
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "-m",
-        "mnist_dist.train",
+        *TWO_GLOO,
         "--config",
         ROOT / "configs/seed.yaml",
         "--tracker",
@@ -142,11 +140,7 @@ def test_launch_config_file_for_two_cpu_processes(tmp_path: Path, data_env: dict
 
 def test_batch_not_divisible_by_processes_is_exit_2(tmp_path: Path, data_env: dict[str, str]):
     proc = accelerate_launch(
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "-m",
-        "mnist_dist.train",
+        *TWO_GLOO,
         "-c",
         ROOT / "configs/smoke.yaml",
         "--batch-size",
