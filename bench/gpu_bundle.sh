@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Build .gpu/ for a lent GPU machine that has torch but no package index: the pydantic wheels mnist-dist
+# needs there (Python 3.12, x86-64) and MNIST gzipped. Carry `.gpu` and run, on that machine:
+#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+#   mkdir -p /tmp/data/MNIST/raw; for f in .gpu/mnist/*.gz; do gunzip -c $f > /tmp/data/MNIST/raw/$(basename $f .gz); done
+#   MNIST_DIST_DATA_DIR=/tmp/data bash bench/gpu.sh $OUT
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+data=${MNIST_DIST_DATA_DIR:-data}
+mkdir -p .gpu/whl .gpu/mnist
+core=$("$py" -c 'import pydantic_core; print(pydantic_core.__version__)')
+pyd=$("$py" -c 'import pydantic; print(pydantic.VERSION)')
+"$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d .gpu/whl "pydantic==$pyd" "pydantic-core==$core" annotated-types typing-inspection
+"$py" -m mnist_dist.cli data prepare --data-dir "$data"
+for f in "$data"/MNIST/raw/*-ubyte; do gzip -c "$f" > ".gpu/mnist/$(basename "$f").gz"; done
+du -sh .gpu
