@@ -225,15 +225,20 @@ class Engine:
         last = len(sizes) - 1
         graph = self._captured_step(train)
         losses: list[torch.Tensor] = []  # stacked once at the end: cheaper than an add per step
+
+        def losses_so_far() -> torch.Tensor:
+            """Sum of this epoch's per-step losses so far (float64, on the device)."""
+            if graph is not None:
+                losses.append(graph.take_loss_sum())
+            total = torch.stack(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64)
+            return total.to(self.device) + prior_sum
+
         check = self.stop.every if self.world > 1 else 1
         for i, (rows, size) in enumerate(self._progress(train.indices(), len(train), epoch)):
             if i < start_step:  # resuming mid-epoch: same permutation, these steps are done
                 continue
             if i > start_step and i % check == 0 and self._stop_agreed(epoch, i):
-                done = prior_sum + (torch.stack(losses).double().sum().item() if losses else 0.0)
-                if graph is not None:
-                    done += graph.take_loss_sum().item()
-                raise Preempted(epoch, i, done)
+                raise Preempted(epoch, i, float(losses_so_far()))
             if graph is not None and size == train.batch_size:
                 graph.replay(rows)
                 continue
@@ -249,11 +254,8 @@ class Engine:
             if steps_now:
                 optimizer_step()
                 zero_grad()
-        if graph is not None:
-            losses.append(graph.take_loss_sum())
         # The mean of the per-step losses (each the mean over a batch), as the tutorial would average them.
-        total = torch.stack(losses).double().sum() + prior_sum
-        totals = accelerator.reduce(total, reduction="sum")
+        totals = accelerator.reduce(losses_so_far(), reduction="sum")
         return totals.item() / (len(sizes) * self.world)
 
     def _stop_agreed(self, epoch: int, step: int) -> bool:

@@ -22,6 +22,7 @@ history is the same for any N (within float rounding).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import platform
 import shutil
@@ -110,9 +111,9 @@ def run(
             path, found = chosen
             if not force:
                 checkpoint.check_matches(found, cfg, path)
-            progress.__dict__.update(
-                {k: v for k, v in found.__dict__.items() if k not in ("fingerprint", "config")}
-            )
+            # Its position, history and run id; the fingerprint and config of this run (they differ
+            # only under --force).
+            progress = dataclasses.replace(found, fingerprint=progress.fingerprint, config=progress.config)
             history = list(found.history)
         out.create(history)
         engine.print(f"mnist-dist {cfg.name}: resolved config\n{cfg.to_yaml().rstrip()}")
@@ -166,17 +167,14 @@ def run(
                 }
             )
             record(history[0])
+        # Where this process starts: the first epoch not done, maybe part-way through it.
+        next_epoch, resume_at = progress.epochs_done + 1, (progress.step, progress.step_losses_sum)
         epoch = 1
         try:
             for index, phase in enumerate(cfg.phases):
                 last = epoch + phase.epochs - 1
-                first = max(epoch, progress.epochs_done + 1)
+                first = max(epoch, next_epoch)
                 if first <= last:
-                    resume_at = (
-                        (progress.step, progress.step_losses_sum)
-                        if first == progress.epochs_done + 1
-                        else (0, 0.0)
-                    )
                     for entry in engine.fit(
                         last - first + 1,
                         phase.lr,
@@ -184,7 +182,7 @@ def run(
                         val_batches,
                         phase=index,
                         first_epoch=first,
-                        resume_at=resume_at,
+                        resume_at=resume_at if first == next_epoch else (0, 0.0),
                     ):
                         history.append(entry)
                         progress.train_seconds = time.perf_counter() - start
@@ -192,7 +190,6 @@ def run(
                         if every and (entry["epoch"] % every == 0 or entry["epoch"] == cfg.total_epochs):
                             save(entry["epoch"])
                         record(entry)
-                    progress.step = 0
                 epoch = last + 1
         except Preempted as p:
             progress.train_seconds = time.perf_counter() - start
