@@ -192,7 +192,7 @@ start() {
 check() {
   command -v sbatch >/dev/null || die "sbatch not found"
   local n
-  n=$(sinfo -h -p gpu -t idle,mix,alloc -o '%D' 2>/dev/null | awk '{s+=$1} END {print s+0}')
+  n=$(sinfo -h -p gpu -t idle,mix,alloc -o '%D' 2>/dev/null | awk '{s+=$1} END {print s+0}' || true)
   [ "$n" -ge 1 ] || die "no node up"
   srun -p gpu -N 1 -n 1 -t 1 true || die "srun failed"
   echo "ok: $n node(s) up"
