@@ -138,6 +138,10 @@ def train(
         raise typer.Exit(
             _fail(f"{e}: checkpoint saved; run the same command again to resume", code=75)
         ) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(
+            _fail("interrupted; checkpoints are kept: run the same command again to resume", code=130)
+        ) from None
 
 
 @app.command()
@@ -399,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{e.format_message()}{hint}")
     except click_exceptions.ClickException as e:
         return _fail(e.format_message(), code=e.exit_code)
-    except (click_exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C (click turns it into Abort)
         return _fail("interrupted", code=130)
     return code if isinstance(code, int) else 0
 

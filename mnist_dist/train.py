@@ -215,7 +215,8 @@ def run(
         return history
     except BaseException as e:
         if info["status"] == "running":
-            info.update(status="failed", end_time=_now(), error=f"{type(e).__name__}: {e}")
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            info.update(status=status, end_time=_now(), error=f"{type(e).__name__}: {e}")
             if (run_dir / "config.yaml").exists():
                 out.write_run_info(info)
         raise

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -286,3 +289,28 @@ def test_divergence_stops_with_phase_epoch_and_lr(tmp_path: Path, data_env: dict
     ]
     run = load_json(out / "run.json")
     assert run["status"] == "failed" and "FloatingPointError" in run["error"]
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path: Path, data_env: dict[str, str]):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mnist_dist.cli", "train", "-c", str(ROOT / "configs/smoke.yaml")]
+    cmd += ["--phases", "2x0.5,1x0.1", "--tracker", "none", "--output-dir", str(out)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=data_env, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # interrupt once epoch 1 (and its checkpoint) is done
+        if line.startswith("Epoch [1]"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        "error: interrupted; checkpoints are kept: run the same command again to resume"
+    ]
+    assert load_json(out / "run.json")["status"] == "interrupted"
+    again = ok(subprocess.run(cmd, capture_output=True, text=True, env=data_env, cwd=ROOT, timeout=300))
+    assert "resuming from" in again.stdout
+    history = load_json(out / "history.json")
+    assert [e["epoch"] for e in history] == [0, 1, 2, 3]
+    assert load_json(out / "run.json")["status"] == "completed"
