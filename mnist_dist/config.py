@@ -212,11 +212,29 @@ def build_config(raw: dict[str, Any], origin: str = "config") -> TrainConfig:
         raise UserError(f"{origin}: {_explain(errors[0], raw)}{more}") from None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 booleans: only true/false. PyYAML follows YAML 1.1, where on/off/yes/no are booleans,
+    so `cuda_graphs: off` or `--set precision=no` would reach the schema as False."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"config file {path} not found; pass an existing YAML file, e.g. configs/seed.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
@@ -249,7 +267,7 @@ def apply_set(raw: dict[str, Any], assignment: str) -> None:
     if not sep or not key.strip():
         raise UserError(f"--set '{assignment}': write KEY=VALUE, e.g. --set data.val_size=5000")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError:
         value = text
     node: Any = raw

@@ -45,6 +45,17 @@ def test_config_round_trips_through_yaml(tmp_path: Path):
     assert load_config(path) == cfg
 
 
+def test_on_off_yes_no_stay_words(tmp_path: Path):
+    """YAML 1.1 (PyYAML's default) reads off/no/on as booleans; the schema's choices are those words."""
+    path = tmp_path / "c.yaml"
+    path.write_text("cuda_graphs: off\nprecision: no\nprogress: on\n")
+    cfg = load_config(path, sets=["progress=off"])
+    assert (cfg.cuda_graphs, cfg.precision, cfg.progress) == ("off", "no", "off")
+    assert load_config(sets=["cuda_graphs=off"]).cuda_graphs == "off"
+    with pytest.raises(UserError, match="'tracker' = True: input should be 'wandb', 'tensorboard' or 'none'"):
+        load_config(sets=["tracker=true"])
+
+
 def test_fingerprint_ignores_where_but_not_what():
     base = TrainConfig()
     assert base.fingerprint() == TrainConfig(output_dir="/elsewhere", tracker="none").fingerprint()
