@@ -409,14 +409,15 @@ class _CapturedStep:
         self.lr = lr
         model, core = engine.model, engine.core
         self.rows = torch.zeros(train.batch_size, dtype=torch.long, device=engine.device)
-        self.loss_sum = torch.zeros((), device=engine.device)
+        # float64, as the eager path sums its step losses, so both give the same train_loss.
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)
 
         def step() -> None:
             xb, yb = train.batch(self.rows)
             loss = core.training_step(model(xb), yb)
             engine.backward(loss)  # one process, full batch: the weight is 1
             engine.optimizer_step()
-            self.loss_sum += loss.detach()
+            self.loss_sum += loss.detach().double()
 
         # Warm up on a side stream, as capture requires; the warm-up trains, so put the weights back
         # afterwards, also when capture fails and the engine falls back to eager steps.
