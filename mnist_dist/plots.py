@@ -35,7 +35,7 @@ def plot_history(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ax.set_title(f"{label.capitalize()} vs. No. of epochs")
         if boundaries:
             ax.legend()
-        fig.tight_layout()
+        fig.subplots_adjust(left=0.13, right=0.97, bottom=0.12, top=0.92)  # tight_layout: ~0.1 s more
         path = out_dir / filename
         fig.savefig(path)
         paths.append(path)
