@@ -131,6 +131,11 @@ def run(
                 else (f"the end of epoch {progress.epochs_done}")
             )
             engine.print(f"resuming from {chosen[0]} at {where}")
+            if progress.epochs_done >= cfg.total_epochs:
+                engine.print(
+                    f"all {cfg.total_epochs} epochs were trained already: nothing to train, outputs are "
+                    "written again from the checkpoint (--resume never trains from scratch)"
+                )
 
         info.update(engine.facts(train_batches), versions=_versions(), git_commit=_git_commit())
         info["tracking"] = engine.start_tracking(progress.tracker_run_id or tracking_job_id())

@@ -163,6 +163,10 @@ def test_resume_never_starts_over_and_bad_resume_paths_exit_2(tmp_path: Path, da
     )
     proc = ok(run_cli("train", *smoke, "--output-dir", out, "--resume", "never", env=data_env))
     assert "resuming" not in proc.stdout and "Epoch [1]," in proc.stdout
+    history = load_json(out / "history.json")
+    proc = ok(run_cli("train", *smoke, "--output-dir", out, env=data_env))  # finished: trains nothing
+    assert "all 2 epochs were trained already: nothing to train" in proc.stdout
+    assert "Epoch [" not in proc.stdout and load_json(out / "history.json") == history
     proc = run_cli("train", *smoke, "--output-dir", out, "--resume", tmp_path / "nowhere", env=data_env)
     assert proc.returncode == 2 and "no such checkpoint folder" in proc.stderr
     proc = run_cli("train", *smoke, "--output-dir", out, "--simulate-preemption-at", "x", env=data_env)
