@@ -15,7 +15,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -289,14 +289,7 @@ class Engine:
 
     def _captured_step(self, train: data.ShardedBatches) -> _CapturedStep | None:
         """The CUDA-graph step for this lr, captured on first use; None where graphs do not apply."""
-        cfg = self.cfg
-        if self._graphs_failed or not (
-            cfg.cuda_graphs == "auto"
-            and self.device.type == "cuda"
-            and self.world == 1
-            and cfg.precision == "no"
-            and cfg.grad_accum == 1
-        ):
+        if self._graphs_failed or not self._graphs_apply():
             return None
         lr = self.optimizer.param_groups[0]["lr"]
         if self._graph is None or self._graph.lr != lr:
@@ -307,6 +300,16 @@ class Engine:
                 self._graphs_failed = True
                 return None
         return self._graph
+
+    def _graphs_apply(self) -> bool:
+        cfg = self.cfg
+        return (
+            cfg.cuda_graphs == "auto"
+            and self.device.type == "cuda"
+            and self.world == 1
+            and cfg.precision == "no"
+            and cfg.grad_accum == 1
+        )
 
     def _progress(self, steps: Any, total: int, epoch: int) -> Any:
         show = {"on": True, "off": False, "auto": sys.stdout.isatty()}[self.cfg.progress]
@@ -419,22 +422,11 @@ class _CapturedStep:
             engine.optimizer_step()
             self.loss_sum += loss.detach().double()
 
-        # Warm up on a side stream, as capture requires; the warm-up trains, so put the weights back
-        # afterwards, also when capture fails and the engine falls back to eager steps.
+        # The warm-up trains, so put the weights back afterwards, also when capture fails and the
+        # engine falls back to eager steps.
         saved = [p.detach().clone() for p in model.parameters()]
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    engine.zero_grad()
-                    step()
-            torch.cuda.current_stream().wait_stream(side)
-            # Grads set to None, so backward allocates them in the graph's pool and overwrites them.
-            engine.zero_grad()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                step()
+            self._replay = _capture(step, engine.zero_grad)
         finally:
             with torch.no_grad():
                 for p, v in zip(model.parameters(), saved, strict=True):
@@ -443,12 +435,30 @@ class _CapturedStep:
 
     def replay(self, rows: torch.Tensor) -> None:
         self.rows.copy_(rows)
-        self.graph.replay()
+        self._replay()
 
     def take_loss_sum(self) -> torch.Tensor:
         total = self.loss_sum.clone()
         self.loss_sum.zero_()
         return total
+
+
+def _capture(step: Callable[[], None], zero_grad: Callable[[], None]) -> Callable[[], None]:
+    """Warm `step` up on a side stream (capture requires it), capture one call of it as a CUDA graph
+    and return the graph's replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            zero_grad()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    # Grads set to None, so backward allocates them in the graph's pool and each replay overwrites them.
+    zero_grad()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def evaluate_weights(
