@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Build .gpu/ for a lent GPU machine that has torch but no package index: the pydantic wheels mnist-dist
-# needs there (Python 3.12, x86-64) and MNIST gzipped. Carry `.gpu` and run, on that machine:
-#   python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+# needs there (Python 3.12, x86-64) and MNIST gzipped. First rehearse on this CPU
+# (`bash bench/gpu.sh /tmp/r --rehearse`), then call the device tool with carry [".gpu"], timeout_s 560:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit
+#   export PYTHONPATH=/tmp/site:$PWD MNIST_DIST_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1
 #   mkdir -p /tmp/data/MNIST/raw; for f in .gpu/mnist/*.gz; do gunzip -c $f > /tmp/data/MNIST/raw/$(basename $f .gz); done
-#   MNIST_DIST_DATA_DIR=/tmp/data bash bench/gpu.sh $OUT
+#   set -o pipefail; timeout 540 bash bench/gpu.sh $OUT 2>&1 | tee $OUT/log.txt
+# Then copy $OUT into bench/results-gpu/ and put the table in the README.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
