@@ -37,7 +37,8 @@ from mnist_dist.outputs import NullRunDir, RunDir, check_output_dir
 from mnist_dist.tracking import job_run_id as tracking_job_id
 
 if TYPE_CHECKING:
-    from mnist_dist.engine import StopFlag
+    from mnist_dist.checkpoint import Progress
+    from mnist_dist.engine import Engine, StopFlag
 
 
 def format_entry(entry: dict[str, Any], phases: int) -> str:
@@ -76,6 +77,54 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+@dataclasses.dataclass(frozen=True)
+class Stretch:
+    """Epochs still to train in one phase: `epochs` from `first_epoch`, the first of them entered at
+    step `resume_at[0]` with `resume_at[1]` as the sum of the step losses before it."""
+
+    phase: int
+    lr: float
+    first_epoch: int
+    epochs: int
+    resume_at: tuple[int, float] = (0, 0.0)
+
+
+def remaining(cfg: TrainConfig, progress: Progress) -> list[Stretch]:
+    """What is left to train: from the first epoch not done (part-way through it after a mid-epoch
+    stop) to the end of the last phase. Empty when the run is complete."""
+    stretches, epoch, next_epoch = [], 1, progress.epochs_done + 1
+    for index, phase in enumerate(cfg.phases):
+        last = epoch + phase.epochs - 1
+        first = max(epoch, next_epoch)
+        if first <= last:
+            at = (progress.step, progress.step_losses_sum) if first == next_epoch else (0, 0.0)
+            stretches.append(Stretch(index, phase.lr, first, last - first + 1, at))
+        epoch = last + 1
+    return stretches
+
+
+def _starting_point(
+    cfg: TrainConfig, run_dir: Path, resume: str, force: bool, engine: Engine
+) -> tuple[Path | None, Progress]:
+    """The checkpoint to resume from (None: start over) and the progress this run starts with."""
+    from mnist_dist import checkpoint
+
+    progress = checkpoint.Progress(
+        epochs_done=0, fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json")
+    )
+    if resume == "never" and engine.is_main:
+        shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
+    chosen = checkpoint.choose(run_dir, resume, log=engine.print)
+    if chosen is None:
+        return None, progress
+    path, found = chosen
+    if not force:
+        checkpoint.check_matches(found, cfg, path)
+    # Its position, history, time and run id; the fingerprint and config of this run (they differ
+    # only under --force).
+    return path, dataclasses.replace(found, fingerprint=progress.fingerprint, config=progress.config)
+
+
 def run(
     cfg: TrainConfig,
     resume: str = "auto",
@@ -99,22 +148,9 @@ def run(
         engine.stop = stop
     out = RunDir(run_dir) if engine.is_main else NullRunDir(run_dir)
     info: dict[str, Any] = {"name": cfg.name, "status": "running", "start_time": _now()}
-    history: list[dict[str, Any]] = []
-    progress = checkpoint.Progress(
-        epochs_done=0, fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json")
-    )
     try:
-        if resume == "never" and engine.is_main:
-            shutil.rmtree(checkpoint.folder(run_dir), ignore_errors=True)
-        chosen = checkpoint.choose(run_dir, resume, log=engine.print)
-        if chosen is not None:
-            path, found = chosen
-            if not force:
-                checkpoint.check_matches(found, cfg, path)
-            # Its position, history and run id; the fingerprint and config of this run (they differ
-            # only under --force).
-            progress = dataclasses.replace(found, fingerprint=progress.fingerprint, config=progress.config)
-            history = list(found.history)
+        resume_from, progress = _starting_point(cfg, run_dir, resume, force, engine)
+        history = list(progress.history)
         out.create(history)
         engine.print(f"mnist-dist {cfg.name}: resolved config\n{cfg.to_yaml().rstrip()}")
         out.write_config(cfg)
@@ -123,15 +159,17 @@ def run(
         train_split, val_split = data.random_split(full, cfg.data.val_size, cfg.data.split_seed)
         train_batches, val_batches = engine.loaders(train_split, val_split)
         engine.prepare(MnistModel(cfg.model.hidden_size), cfg.phases[0].lr)
-        if chosen is not None:
-            engine.load_checkpoint(chosen[0])
+        todo = remaining(cfg, progress)
+        if resume_from is not None:
+            engine.load_checkpoint(resume_from)
             where = (
                 f"epoch {progress.epochs_done + 1}, step {progress.step}"
                 if progress.step
                 else (f"the end of epoch {progress.epochs_done}")
             )
-            engine.print(f"resuming from {chosen[0]} at {where}")
-            if progress.epochs_done >= cfg.total_epochs:
+            engine.print(f"resuming from {resume_from} at {where}")
+            info["resumed_from"] = str(resume_from)
+            if not todo:
                 engine.print(
                     f"all {cfg.total_epochs} epochs were trained already: nothing to train, outputs are "
                     "written again from the checkpoint (--resume never trains from scratch)"
@@ -140,8 +178,6 @@ def run(
         info.update(engine.facts(train_batches), versions=_versions(), git_commit=_git_commit())
         info["tracking"] = engine.start_tracking(progress.tracker_run_id or tracking_job_id())
         progress.tracker_run_id = info["tracking"].get("run_id")
-        if chosen is not None:
-            info["resumed_from"] = str(chosen[0])
         engine.print(
             f"{info['world_size']} process(es) on {info['device']}, precision {info['precision']}, "
             f"run dir {run_dir}"
@@ -172,30 +208,24 @@ def run(
                 }
             )
             record(history[0])
-        # Where this process starts: the first epoch not done, maybe part-way through it.
-        next_epoch, resume_at = progress.epochs_done + 1, (progress.step, progress.step_losses_sum)
-        epoch = 1
         try:
-            for index, phase in enumerate(cfg.phases):
-                last = epoch + phase.epochs - 1
-                first = max(epoch, next_epoch)
-                if first <= last:
-                    for entry in engine.fit(
-                        last - first + 1,
-                        phase.lr,
-                        train_batches,
-                        val_batches,
-                        phase=index,
-                        first_epoch=first,
-                        resume_at=resume_at if first == next_epoch else (0, 0.0),
-                    ):
-                        history.append(entry)
-                        progress.train_seconds = time.perf_counter() - start
-                        every = cfg.checkpoint.every_epochs
-                        if every and (entry["epoch"] % every == 0 or entry["epoch"] == cfg.total_epochs):
-                            save(entry["epoch"])
-                        record(entry)
-                epoch = last + 1
+            for s in todo:
+                fit = engine.fit(
+                    s.epochs,
+                    s.lr,
+                    train_batches,
+                    val_batches,
+                    phase=s.phase,
+                    first_epoch=s.first_epoch,
+                    resume_at=s.resume_at,
+                )
+                for entry in fit:
+                    history.append(entry)
+                    progress.train_seconds = time.perf_counter() - start
+                    every = cfg.checkpoint.every_epochs
+                    if every and (entry["epoch"] % every == 0 or entry["epoch"] == cfg.total_epochs):
+                        save(entry["epoch"])
+                    record(entry)
         except Preempted as p:
             progress.train_seconds = time.perf_counter() - start
             save(p.epoch - 1, p.step, p.losses_sum)

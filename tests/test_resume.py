@@ -214,3 +214,21 @@ def test_run_directories_are_private_and_hold_no_secrets(tmp_path: Path, mnist_d
             assert value.encode() not in blob, f"{name} leaked into {p}"
     for value in secrets.values():
         assert value not in proc.stdout + proc.stderr
+
+
+def test_remaining_starts_at_the_first_epoch_not_done():
+    from mnist_dist.checkpoint import Progress
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.train import Stretch, remaining
+
+    cfg = TrainConfig()  # 5 epochs at 0.5, then 5 at 0.1
+    assert remaining(cfg, Progress(epochs_done=0)) == [Stretch(0, 0.5, 1, 5), Stretch(1, 0.1, 6, 5)]
+    # Stopped in epoch 3 before step 150: epoch 3 resumes there, the next phase starts fresh.
+    assert remaining(cfg, Progress(epochs_done=2, step=150, step_losses_sum=12.5)) == [
+        Stretch(0, 0.5, 3, 3, (150, 12.5)),
+        Stretch(1, 0.1, 6, 5),
+    ]
+    assert remaining(cfg, Progress(epochs_done=5, step=7, step_losses_sum=1.0)) == [
+        Stretch(1, 0.1, 6, 5, (7, 1.0))
+    ]
+    assert remaining(cfg, Progress(epochs_done=10)) == []
