@@ -295,8 +295,18 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path: Path
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mnist_dist.cli", "train", "-c", str(ROOT / "configs/smoke.yaml")]
     cmd += ["--phases", "2x0.5,1x0.1", "--tracker", "none", "--output-dir", str(out)]
+
+    def default_sigint() -> None:  # a shell starts background jobs with SIGINT ignored; Python keeps that
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=data_env, cwd=ROOT
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=data_env,
+        cwd=ROOT,
+        preexec_fn=default_sigint,
     )
     assert proc.stdout is not None
     for line in proc.stdout:  # interrupt once epoch 1 (and its checkpoint) is done
