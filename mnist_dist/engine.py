@@ -137,8 +137,14 @@ class Engine:
         val_batches = data.ShardedBatches(val, self.cfg.val_batch_size, rank=self.rank, world=self.world)
         return train_batches, val_batches
 
+    @property
+    def _foreach(self) -> bool:
+        # What torch's default (None) picks: multi-tensor kernels on a GPU, a loop over the tensors on
+        # a CPU. Left at None it decides again on every step, ~20 us (4% of this model's CPU step).
+        return self.device.type == "cuda"
+
     def prepare(self, model: MnistModel, lr: float) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, foreach=self._foreach)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.core: MnistModel = self.accelerator.unwrap_model(self.model)
         # AcceleratedOptimizer.step() searches sys.path for the lomo_optim package twice per call,
@@ -285,6 +291,8 @@ class Engine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.accelerator.load_state(str(path))
+        for group in self.optimizer.param_groups:  # the saved groups bring the saving device's choice
+            group["foreach"] = self._foreach
         self._graph = None  # captured against the old lr and state: capture again
 
     def _captured_step(self, train: data.ShardedBatches) -> _CapturedStep | None:

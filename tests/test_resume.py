@@ -232,3 +232,23 @@ def test_remaining_starts_at_the_first_epoch_not_done():
         Stretch(1, 0.1, 6, 5, (7, 1.0))
     ]
     assert remaining(cfg, Progress(epochs_done=10)) == []
+
+
+def test_a_loaded_checkpoint_keeps_this_devices_optimizer_kernels(tmp_path: Path):
+    """The optimizer's saved groups carry `foreach` (kernels chosen for the device that saved them);
+    after a load the engine sets this device's choice again, e.g. a CPU checkpoint resumed on a GPU."""
+    from mnist_dist.checkpoint import Progress, folder
+    from mnist_dist.config import TrainConfig
+    from mnist_dist.engine import Engine
+    from mnist_dist.model import MnistModel
+
+    engine = Engine(TrainConfig(device="cpu", tracker="none"), tmp_path)
+    try:
+        engine.prepare(MnistModel(), lr=0.5)
+        assert engine.optimizer.param_groups[0]["foreach"] is False
+        engine.optimizer.param_groups[0]["foreach"] = None  # as a checkpoint from elsewhere has it
+        engine.save_checkpoint(tmp_path, Progress(epochs_done=1), keep=1)
+        engine.load_checkpoint(folder(tmp_path) / "epoch-0001")
+        assert engine.optimizer.param_groups[0]["foreach"] is False
+    finally:
+        engine.close()
