@@ -310,6 +310,7 @@ class Engine:
         return self._graph
 
     def _graphs_apply(self) -> bool:
+        """One process on a GPU, full precision, no accumulation: a full step is then one graph."""
         cfg = self.cfg
         return (
             cfg.cuda_graphs == "auto"

@@ -209,15 +209,15 @@ def run(
             )
             record(history[0])
         try:
-            for s in todo:
+            for stretch in todo:
                 fit = engine.fit(
-                    s.epochs,
-                    s.lr,
+                    stretch.epochs,
+                    stretch.lr,
                     train_batches,
                     val_batches,
-                    phase=s.phase,
-                    first_epoch=s.first_epoch,
-                    resume_at=s.resume_at,
+                    phase=stretch.phase,
+                    first_epoch=stretch.first_epoch,
+                    resume_at=stretch.resume_at,
                 )
                 for entry in fit:
                     history.append(entry)
