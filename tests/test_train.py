@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,79 @@ def test_launch_config_file_for_two_cpu_processes(tmp_path: Path, data_env: dict
         )
     )
     assert load_json(out / "run.json")["world_size"] == 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_gpu_and_multi_node_launch_files_run_as_written(tmp_path: Path, data_env: dict[str, str]):
+    """launch/single-gpu.yaml, multi-gpu.yaml and multi-node.yaml, on this CPU: gloo instead of NCCL,
+    2 processes instead of 8 or 16, and the 2 "nodes" as 2 launchers on localhost. Only the sizes and
+    the head node's address are overridden; the rest is the files as users get them."""
+    args = ["-c", str(ROOT / "configs/smoke.yaml"), "--tracker", "none"]
+    smoke = ["-m", "mnist_dist.train", *args]
+    ok(run_cli("train", *args, "--output-dir", tmp_path / "one", env=data_env))
+    ok(
+        accelerate_launch(
+            "--config_file",
+            ROOT / "launch/single-gpu.yaml",
+            *smoke,
+            "--output-dir",
+            tmp_path / "sg",
+            env=data_env,
+        )
+    )
+    ok(
+        accelerate_launch(
+            "--config_file",
+            ROOT / "launch/multi-gpu.yaml",
+            "--num_processes",
+            "2",
+            *smoke,
+            "--output-dir",
+            tmp_path / "mg",
+            env=data_env,
+        )
+    )
+    port, exe = str(free_port()), str(Path(sys.executable).with_name("accelerate"))
+    nodes = [
+        subprocess.Popen(
+            [
+                exe,
+                "launch",
+                "--config_file",
+                str(ROOT / "launch/multi-node.yaml"),
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                "--num_processes",
+                "2",
+                *smoke,
+                "--output-dir",
+                str(tmp_path / "mn"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=data_env,
+            cwd=ROOT,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    expected = load_json(tmp_path / "one/history.json")
+    for name, world in (("sg", 1), ("mg", 2), ("mn", 2)):
+        run = load_json(tmp_path / name / "run.json")
+        assert run["world_size"] == world, name
+        assert run["train_samples_per_process"] == [50_000 // world] * world, name
+        assert_same_history(load_json(tmp_path / name / "history.json"), expected)
 
 
 def test_batch_not_divisible_by_processes_is_exit_2(tmp_path: Path, data_env: dict[str, str]):
