@@ -56,6 +56,11 @@ def load_json(path: Path):
     return json.loads(path.read_text())
 
 
+def without_seconds(history: list[dict]) -> list[dict]:
+    """A history without its wall-clock field: what must match between two runs of the same config."""
+    return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the four verified MNIST files: $MNIST_DIST_DATA_DIR if it has them (as .ci/run

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, load_json
+from conftest import ROOT, load_json, without_seconds
 
 STAND_IN = """
 import atexit, json, sys
@@ -51,7 +51,7 @@ def train(out: Path, env: dict[str, str], *extra: str) -> tuple[subprocess.Compl
 
 
 def history(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in load_json(run_dir / "history.json")]
+    return without_seconds(load_json(run_dir / "history.json"))
 
 
 def test_graph_steps_give_the_eager_history(tmp_path: Path, data_env: dict[str, str]):

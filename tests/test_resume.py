@@ -15,13 +15,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, env_with, load_json, ok, run_cli
+from conftest import ROOT, env_with, load_json, ok, run_cli, without_seconds
 
 SEED = ["--config", str(ROOT / "configs/seed.yaml"), "--tracker", "none"]
-
-
-def without_seconds(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
 
 
 def assert_identical(run_dir: Path, reference: Path) -> None:
