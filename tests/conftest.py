@@ -61,6 +61,11 @@ def without_seconds(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k != "seconds"} for e in history]
 
 
+def run_history(run_dir: Path) -> list[dict]:
+    """A run directory's history.json, without its wall-clock field."""
+    return without_seconds(load_json(run_dir / "history.json"))
+
+
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the four verified MNIST files: $MNIST_DIST_DATA_DIR if it has them (as .ci/run

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, load_json, without_seconds
+from conftest import ROOT, run_history
 
 STAND_IN = """
 import atexit, json, sys
@@ -50,11 +50,7 @@ def train(out: Path, env: dict[str, str], *extra: str) -> tuple[subprocess.Compl
     return proc, json.loads(line.removeprefix("GRAPHS "))
 
 
-def history(run_dir: Path) -> list[dict]:
-    return without_seconds(load_json(run_dir / "history.json"))
-
-
-def test_graph_steps_give_the_eager_history(tmp_path: Path, data_env: dict[str, str]):
+def test_graph_steps_give_the_eager_run_history(tmp_path: Path, data_env: dict[str, str]):
     eager, counts = train(tmp_path / "eager", data_env, "--set", "cuda_graphs=off")
     assert eager.returncode == 0, eager.stderr[-3000:]
     assert counts == {"captures": 0, "replays": 0}
@@ -64,7 +60,7 @@ def test_graph_steps_give_the_eager_history(tmp_path: Path, data_env: dict[str, 
     # 50,000 images in batches of 128: 390 full batches replayed and 1 short one run eagerly, an
     # epoch; one capture per phase (the lr is part of the graph).
     assert counts == {"captures": 2, "replays": 3 * 390}
-    assert history(tmp_path / "graphs") == history(tmp_path / "eager")
+    assert run_history(tmp_path / "graphs") == run_history(tmp_path / "eager")
 
 
 def test_graph_steps_resume_mid_epoch_exactly(tmp_path: Path, data_env: dict[str, str]):
@@ -77,4 +73,4 @@ def test_graph_steps_resume_mid_epoch_exactly(tmp_path: Path, data_env: dict[str
     assert counts == {"captures": 2, "replays": 390 - 100 + 390}
     eager, _ = train(tmp_path / "eager", data_env, "--set", "cuda_graphs=off")
     assert eager.returncode == 0
-    assert history(tmp_path / "run") == history(tmp_path / "eager")
+    assert run_history(tmp_path / "run") == run_history(tmp_path / "eager")

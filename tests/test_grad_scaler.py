@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, load_json, without_seconds
+from conftest import ROOT, load_json, run_history
 
 STAND_IN = """
 import atexit, json, sys
@@ -57,18 +57,14 @@ def expected(steps: int) -> dict:
     return {"scale": 2.0**16 * 2 ** (steps // 100), "growth": steps % 100}
 
 
-def history(run_dir: Path) -> list[dict]:
-    return without_seconds(load_json(run_dir / "history.json"))
-
-
-def test_scaled_steps_give_the_unscaled_history(tmp_path: Path, data_env: dict[str, str]):
+def test_scaled_steps_give_the_unscaled_run_history(tmp_path: Path, data_env: dict[str, str]):
     assert train(tmp_path / "plain", data_env, scaler=False) == (0, None)
     rc, state = train(tmp_path / "scaled", data_env)
     assert rc == 0
     # Every optimizer step went through the scaler (scale(loss).backward, step, update): with the
     # plain optimizer the scale would still be 2**16.
     assert state == expected(2 * STEPS)
-    assert history(tmp_path / "scaled") == history(tmp_path / "plain")
+    assert run_history(tmp_path / "scaled") == run_history(tmp_path / "plain")
     assert "scaler.pt" in load_json(tmp_path / "scaled/checkpoints/epoch-0002/progress.json")["files"]
 
 
@@ -79,4 +75,4 @@ def test_scaler_state_resumes_mid_epoch(tmp_path: Path, data_env: dict[str, str]
     # A scaler started afresh at the resume (291 steps left) would end at 2**18, 91 steps counted.
     assert (rc, state) == (0, expected(2 * STEPS))
     assert train(tmp_path / "plain", data_env, scaler=False) == (0, None)
-    assert history(tmp_path / "run") == history(tmp_path / "plain")
+    assert run_history(tmp_path / "run") == run_history(tmp_path / "plain")

@@ -15,15 +15,13 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, env_with, load_json, ok, run_cli, without_seconds
+from conftest import ROOT, env_with, load_json, ok, run_cli, run_history
 
 SEED = ["--config", str(ROOT / "configs/seed.yaml"), "--tracker", "none"]
 
 
 def assert_identical(run_dir: Path, reference: Path) -> None:
-    assert without_seconds(load_json(run_dir / "history.json")) == without_seconds(
-        load_json(reference / "history.json")
-    )
+    assert run_history(run_dir) == run_history(reference)
     a, b = load_file(str(run_dir / "model.safetensors")), load_file(str(reference / "model.safetensors"))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a), "weights differ"
 
