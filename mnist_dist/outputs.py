@@ -1,4 +1,5 @@
-"""The run directory: config.yaml, metrics.jsonl, history.json, run.json, model.safetensors, plots.
+"""The run directory (config.yaml, metrics.jsonl, history.json, run.json, model.safetensors, plots) and
+the history entry it holds, one per epoch.
 
 Only the main process writes: it gets a RunDir, every other process a NullRunDir that does nothing.
 Files are written to a temporary name and renamed, so a reader never sees half a file.
@@ -8,10 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from mnist_dist.atomic import atomic_path, write_atomic
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 
@@ -32,15 +33,26 @@ def check_output_dir(path: Path) -> None:
         )
 
 
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def history_entry(
+    phase: int | None, epoch: int, lr: float | None, metrics: dict[str, Any], train_loss: Any, seconds: float
+) -> dict[str, Any]:
+    """One row of the history: epoch 0 (phase, lr and train_loss None) is the evaluation before training."""
+    return {
+        "phase": phase,
+        "epoch": epoch,
+        "lr": lr,
+        **metrics,
+        "train_loss": train_loss,
+        "seconds": seconds,
+    }
+
+
+def format_entry(entry: dict[str, Any], phases: int) -> str:
+    """The tutorial's line, with phase and lr: `Epoch [4], val_loss: 0.1391, val_acc: 0.9578 ...`."""
+    line = f"Epoch [{entry['epoch']}], val_loss: {entry['val_loss']:.4f}, val_acc: {entry['val_acc']:.4f}"
+    if entry["phase"] is None:
+        return line + "  (before training)"
+    return line + f"  (phase {entry['phase'] + 1}/{phases}, lr {entry['lr']:g}, {entry['seconds']:.2f}s)"
 
 
 class RunDir:
@@ -74,14 +86,13 @@ class RunDir:
     def save_weights(self, state_dict: dict[str, Any], cfg: TrainConfig) -> None:
         from safetensors.torch import save_file
 
-        tmp = self.path / f".{WEIGHTS}.tmp"
-        # The config travels inside the weights, so a weights file explains itself.
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
-            str(tmp),
-            metadata={"config": json.dumps(cfg.model_dump(mode="json"))},
-        )
-        os.replace(tmp, self.path / WEIGHTS)
+        with atomic_path(self.path / WEIGHTS) as tmp:
+            # The config travels inside the weights, so a weights file explains itself.
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
+                str(tmp),
+                metadata={"config": json.dumps(cfg.model_dump(mode="json"))},
+            )
 
     def plot(self, history: list[dict[str, Any]]) -> list[Path]:
         from mnist_dist.plots import plot_history

@@ -3,7 +3,7 @@
 The job is a Python callable (a submitit Checkpointable), not a shell line: submitit's sbatch script
 runs `srun python -m submitit.core._submit FOLDER`, one task per process, and every task calls
 TrainJob(), which exports the torch.distributed environment from SLURM's variables and runs the same
-`mnist_dist.train.run` as `mnist-dist train`. No `accelerate launch` or torchrun inside the tasks:
+`mnist_dist.run.run` as `mnist-dist train`. No `accelerate launch` or torchrun inside the tasks:
 they would fight submitit over spawning processes and break its requeue.
 """
 
@@ -117,12 +117,11 @@ def preflight(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path) -> None:
             f"output dir {run_dir} is under {local}, which is local to each node; put it on "
             "shared storage (or pass --allow-local on a one-machine cluster)"
         )
-    if cfg.batch_size % opts.world_size:
-        raise UserError(
-            f"batch_size {cfg.batch_size} is not divisible by {opts.nodes} node(s) x "
-            f"{opts.ntasks_per_node} task(s) = {opts.world_size} processes; change --batch-size, "
-            "--nodes or --tasks-per-node"
-        )
+    cfg.check_processes(
+        opts.world_size,
+        f"{opts.nodes} node(s) x {opts.ntasks_per_node} task(s) = {opts.world_size} processes",
+        "change --batch-size, --nodes or --tasks-per-node",
+    )
     if opts.gpus_per_node and opts.ntasks_per_node > opts.gpus_per_node:
         raise UserError(
             f"--tasks-per-node {opts.ntasks_per_node} is more than --gpus-per-node "
@@ -180,8 +179,8 @@ class TrainJob:
 
         import submitit
 
-        from mnist_dist.engine import Preempted, StopFlag
-        from mnist_dist.train import run
+        from mnist_dist.run import run
+        from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
 
         env = submitit.helpers.TorchDistributedEnvironment()
         # All GPUs of the node stay visible: Accelerate puts rank r on cuda:LOCAL_RANK itself.
@@ -194,10 +193,8 @@ class TrainJob:
             f"{env.master_addr}:{env.master_port}, restart {restarts}",
             flush=True,
         )
-        requeue = signal.getsignal(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
         stop = StopFlag(cfg.checkpoint.stop_check_steps)
-        signal.signal(signal.SIGUSR2, stop.request)
-        signal.signal(signal.SIGTERM, stop.request)
+        requeue = stop_on_signals(stop)  # submitit's checkpoint-and-requeue handler, called below
         try:
             history = run(cfg, resume="auto", stop=stop)
         except Preempted as e:
@@ -250,7 +247,7 @@ class Submission:
 
 def submit(cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any = print) -> Submission | str:
     """Preflight, stage the data, submit. dry_run: return the sbatch script, touch nothing."""
-    from mnist_dist import data
+    from mnist_dist import datafiles
 
     run_dir = cfg.run_dir().expanduser().absolute()
     preflight(opts, cfg, run_dir)
@@ -261,7 +258,7 @@ def submit(cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any
     if dry_run:
         return sbatch_script(ex)
     # On the submitting host, before the job exists: compute nodes may have no internet.
-    data.prepare(data_dir, cfg.data.source, log=log)
+    datafiles.prepare(data_dir, cfg.data.source, log=log)
     run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     folder.mkdir(exist_ok=True, mode=0o700)
     try:

@@ -1,19 +1,23 @@
-"""Experiment trackers (W&B, TensorBoard): how to start them, and reading a W&B offline run back.
+"""Experiment tracking (W&B, TensorBoard): the settings, and the Tracker a run logs its history to.
 
-The engine hands these settings to Accelerate's trackers (`log_with`); nothing here imports Accelerate.
-Tracking never fails a run: when W&B cannot go online the run is written offline under the run
-directory (`wandb sync RUN_DIR/wandb/offline-run-*` uploads it later).
+The trackers are Accelerate's (`log_with`): the engine builds the Accelerator and hands it to
+`Tracker`, which only calls its tracker methods; nothing here imports Accelerate. Tracking never fails
+a run: when W&B cannot go online the run is written offline under the run directory (`wandb sync
+RUN_DIR/wandb/offline-run-*` uploads it later), and if that fails too the run goes on untracked.
+Processes other than the main one get a NullTracker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
-import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mnist_dist.config import TrainConfig
+from mnist_dist.wandb_file import last_logged_epoch
 
 
 def wandb_credentials() -> bool:
@@ -65,20 +69,6 @@ def job_run_id() -> str | None:
     return f"{os.environ.get('SLURM_CLUSTER_NAME', 'slurm')}-{job}"
 
 
-def last_logged_epoch(run_dir: Path, run_id: str | None) -> int:
-    """The last epoch an earlier offline W&B run with this id logged (-1: none): on resume, entries
-    up to it are not logged again, so a run has each epoch once."""
-    last = -1
-    for path in wandb_run_files(run_dir):
-        if run_id and path.stem == f"run-{run_id}":
-            try:
-                rows = read_wandb_run(path)["history"]
-            except (ValueError, OSError):
-                continue
-            last = max([last, *(int(r["epoch"]) for r in rows if "epoch" in r)])
-    return last
-
-
 def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
     # TensorBoard's hparams take only scalars; W&B shows nested sections.
     return cfg.flat() if cfg.tracker == "tensorboard" else cfg.model_dump(mode="json")
@@ -90,67 +80,78 @@ def entry_metrics(entry: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in keys if entry.get(k) is not None}
 
 
-# --- reading a W&B run file back ------------------------------------------------------------------
-# A .wandb file is W&B's transaction log: a 7-byte header (":W&B", magic 0xBEE1, version), then
-# LevelDB-log records in 32 KiB blocks, each a serialized wandb_internal_pb2.Record.
+class Tracker:
+    """The main process's tracker: started with an offline fallback, each history entry logged once
+    (a resumed run skips the epochs its W&B run already has), finished on every exit path."""
 
-_HEADER = 7
-_BLOCK = 32 * 1024
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+    def __init__(self, cfg: TrainConfig, run_dir: Path, accelerator: Any, log: Callable[[str], None]) -> None:
+        self.cfg, self.run_dir, self.accelerator, self.warn = cfg, run_dir, accelerator, log
+        self.logged_through = -1  # the last epoch the tracker has
+
+    def start(self, run_id: str | None = None) -> dict[str, Any]:
+        """Start the configured tracker; return what run.json records of it. Never raises."""
+        cfg = self.cfg
+        if cfg.tracker == "none":
+            return {"tracker": "none"}
+        mode = wandb_mode(cfg.wandb.mode) if cfg.tracker == "wandb" else "local"
+        for attempt in (mode, "offline") if mode == "online" else (mode,):
+            try:
+                self.accelerator.trackers = []
+                self.accelerator.init_trackers(
+                    cfg.wandb.project,
+                    config=tracker_config(cfg),
+                    init_kwargs=init_kwargs(cfg, self.run_dir, attempt, run_id),
+                )
+                info = self._info(attempt)
+                self.logged_through = self._last_logged_epoch(info.get("run_id"))
+                return info
+            except Exception as e:
+                self.warn(f"warning: {cfg.tracker} tracker ({attempt}) did not start: {e}".splitlines()[0])
+        self.accelerator.trackers = []
+        self.accelerator.log_with = []
+        return {"tracker": "none", "tracker_failed": cfg.tracker}
+
+    def _info(self, mode: str) -> dict[str, Any]:
+        if self.cfg.tracker != "wandb":
+            return {"tracker": self.cfg.tracker, "dir": str(self.run_dir / "tensorboard")}
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        return {"tracker": "wandb", "mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent)}
+
+    def _last_logged_epoch(self, run_id: str | None) -> int:
+        """The last epoch this W&B run already has (resumed runs): from its earlier offline files, or
+        from the summary an online run resumes with."""
+        if self.cfg.tracker != "wandb" or run_id is None:
+            return -1
+        last = last_logged_epoch(self.run_dir, run_id)
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        with contextlib.suppress(Exception):
+            last = max(last, int(run.summary.get("epoch", -1)))
+        return last
+
+    def log(self, entry: dict[str, Any]) -> None:
+        """Send a history entry, once: epochs the run already has (before a resume) are skipped."""
+        if not self.accelerator.trackers or entry["epoch"] <= self.logged_through:
+            return
+        try:
+            self.accelerator.log(entry_metrics(entry), step=entry["epoch"])
+            self.logged_through = entry["epoch"]
+        except Exception as e:
+            self.warn(f"warning: tracker log failed: {e}".splitlines()[0])
+
+    def close(self) -> None:
+        """Finish every started tracker (W&B writes its last records here)."""
+        for tracker in self.accelerator.trackers:
+            with contextlib.suppress(Exception):
+                tracker.finish()
+        self.accelerator.trackers = []
 
 
-def _records(path: Path) -> list[bytes]:
-    data = path.read_bytes()
-    if data[:4] != b":W&B":
-        raise ValueError(f"{path} is not a W&B run file")
-    out, pending, pos = [], b"", _HEADER
-    while pos + 7 <= len(data):
-        left = _BLOCK - pos % _BLOCK
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if crc == 0 and length == 0 and kind == 0:
-            break
-        chunk = data[pos + 7 : pos + 7 + length]
-        # The CRC32C is not checked (no stdlib implementation); a short record ends the scan.
-        if len(chunk) < length:
-            break
-        pos += 7 + length
-        if kind == _FULL:
-            out.append(chunk)
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            out.append(pending + chunk)
-            pending = b""
-    return out
+class NullTracker:
+    """What processes other than the main one get: nothing is started or logged."""
 
+    def start(self, run_id: str | None = None) -> dict[str, Any]:
+        return {"tracker": None}
 
-def wandb_run_files(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("wandb/*run-*/run-*.wandb"))
+    def log(self, entry: dict[str, Any]) -> None: ...
 
-
-def read_wandb_run(path: Path) -> dict[str, Any]:
-    """{"id", "config", "history": [rows]} from a .wandb file, read with W&B's own protobuf types."""
-    import json
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    run: dict[str, Any] = {"id": None, "name": None, "config": {}, "history": []}
-    for blob in _records(path):
-        rec = pb.Record()
-        rec.ParseFromString(blob)
-        kind = rec.WhichOneof("record_type")
-        if kind == "run":
-            run["id"] = rec.run.run_id
-            run["name"] = rec.run.display_name
-            run["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
-        elif kind == "config":
-            run["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
-        elif kind == "history":
-            row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
-            run["history"].append(row)
-    return run
+    def close(self) -> None: ...

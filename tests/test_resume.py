@@ -213,17 +213,18 @@ def test_run_directories_are_private_and_hold_no_secrets(tmp_path: Path, mnist_d
 def test_remaining_starts_at_the_first_epoch_not_done():
     from mnist_dist.checkpoint import Progress
     from mnist_dist.config import TrainConfig
-    from mnist_dist.train import Stretch, remaining
+    from mnist_dist.run import Stretch, remaining
+    from mnist_dist.stopping import ResumePoint
 
     cfg = TrainConfig()  # 5 epochs at 0.5, then 5 at 0.1
     assert remaining(cfg, Progress(epochs_done=0)) == [Stretch(0, 0.5, 1, 5), Stretch(1, 0.1, 6, 5)]
     # Stopped in epoch 3 before step 150: epoch 3 resumes there, the next phase starts fresh.
-    assert remaining(cfg, Progress(epochs_done=2, step=150, step_losses_sum=12.5)) == [
-        Stretch(0, 0.5, 3, 3, (150, 12.5)),
+    assert remaining(cfg, Progress(epochs_done=2, step=150, loss_sum=12.5)) == [
+        Stretch(0, 0.5, 3, 3, ResumePoint(150, 12.5)),
         Stretch(1, 0.1, 6, 5),
     ]
-    assert remaining(cfg, Progress(epochs_done=5, step=7, step_losses_sum=1.0)) == [
-        Stretch(1, 0.1, 6, 5, (7, 1.0))
+    assert remaining(cfg, Progress(epochs_done=5, step=7, loss_sum=1.0)) == [
+        Stretch(1, 0.1, 6, 5, ResumePoint(7, 1.0))
     ]
     assert remaining(cfg, Progress(epochs_done=10)) == []
 
@@ -236,12 +237,11 @@ def test_a_loaded_checkpoint_keeps_this_devices_optimizer_kernels(tmp_path: Path
     from mnist_dist.engine import Engine
     from mnist_dist.model import MnistModel
 
-    engine = Engine(TrainConfig(device="cpu", tracker="none"), tmp_path)
+    engine = Engine(TrainConfig(device="cpu", tracker="none"), tmp_path, MnistModel)
     try:
-        engine.prepare(MnistModel(), lr=0.5)
         assert engine.optimizer.param_groups[0]["foreach"] is False
         engine.optimizer.param_groups[0]["foreach"] = None  # as a checkpoint from elsewhere has it
-        engine.save_checkpoint(tmp_path, Progress(epochs_done=1), keep=1)
+        engine.save_checkpoint(Progress(epochs_done=1), keep=1)
         engine.load_checkpoint(folder(tmp_path) / "epoch-0001")
         assert engine.optimizer.param_groups[0]["foreach"] is False
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist import tracking
+from mnist_dist import wandb_file
 
 from conftest import ROOT, load_json, ok, run_cli
 
@@ -104,9 +104,9 @@ def test_submit_seed_config_completes(jobs: dict, slurm_env: dict[str, str]):
     run = load_json(run_dir / "run.json")
     assert run["world_size"] == 1 and run["status"] == "completed"
     # One W&B run for the job, offline (no key on the nodes), named after the job id.
-    files = tracking.wandb_run_files(run_dir)
+    files = wandb_file.wandb_run_files(run_dir)
     assert len(files) == 1
-    wb = tracking.read_wandb_run(files[0])
+    wb = wandb_file.read_wandb_run(files[0])
     assert wb["name"] == f"seed-{job}" and len(wb["history"]) == 11
     assert (run_dir.stat().st_mode & 0o777) == 0o700
     files = [p for p in run_dir.rglob("*") if p.is_file()]
@@ -325,7 +325,7 @@ def test_sync_wraps_wandb_sync(jobs: dict, slurm_env: dict[str, str]):
     job, run_dir = jobs["seed"]
     wait(slurm_env, job)
     lines = ok(run_cli("sync", run_dir, "--dry-run", env=slurm_env)).stdout.splitlines()
-    assert len(lines) == 1 and lines[0].endswith(f"sync {tracking.wandb_run_files(run_dir)[0].parent}")
+    assert len(lines) == 1 and lines[0].endswith(f"sync {wandb_file.wandb_run_files(run_dir)[0].parent}")
     proc = run_cli("sync", run_dir.parent, env=slurm_env)
     assert proc.returncode == 2 and "has no W&B offline run" in proc.stderr
 
@@ -362,7 +362,7 @@ def test_usr2_preemption_requeues_and_resumes_with_one_wandb_run(
     assert [e["epoch"] for e in history] == list(range(11))
     local = load_json(seed_run / "history.json")
     assert [(e["val_loss"], e["val_acc"]) for e in history] == [(e["val_loss"], e["val_acc"]) for e in local]
-    runs = [tracking.read_wandb_run(f) for f in tracking.wandb_run_files(out)]
+    runs = [wandb_file.read_wandb_run(f) for f in wandb_file.wandb_run_files(out)]
     assert len(runs) == 2 and len({r["id"] for r in runs}) == 1, "one W&B run id across the requeue"
     epochs = sorted(row["epoch"] for r in runs for row in r["history"])
     assert epochs == list(range(11)), "no epoch missing or logged twice"

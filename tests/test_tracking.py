@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mnist_dist import tracking
+from mnist_dist import tracking, wandb_file
 
 from conftest import ROOT, env_with, load_json, ok, run_cli
 
@@ -15,11 +15,11 @@ def test_wandb_offline_run_is_written_and_read_back(tmp_path: Path, mnist_dir: P
     ok(run_cli("train", "-c", ROOT / "configs/seed.yaml", "--tracker", "wandb", "--output-dir", out, env=env))
     info = load_json(out / "run.json")["tracking"]
     assert info["tracker"] == "wandb" and info["mode"] == "offline"  # no API key here -> offline
-    files = tracking.wandb_run_files(out)
+    files = wandb_file.wandb_run_files(out)
     assert len(files) == 1 and files[0].parent.name.startswith("offline-run-")
     assert Path(info["dir"]) == files[0].parent
 
-    run = tracking.read_wandb_run(files[0])
+    run = wandb_file.read_wandb_run(files[0])
     assert run["id"] == info["run_id"]
     rows = run["history"]
     assert len(rows) == 11
