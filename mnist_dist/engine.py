@@ -66,6 +66,30 @@ def _accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
         )
 
 
+def _step_functions(accelerator: Accelerator, optimizer: Any) -> tuple[Callable, Callable, Callable]:
+    """(optimizer step, zero_grad, backward) for the prepared optimizer.
+
+    AcceleratedOptimizer.step() searches sys.path for the lomo_optim package twice per call,
+    zero_grad() inspects a signature and Accelerator.backward() divides the loss by 1: together more
+    than this model's whole step on a CPU. Without a grad scaler (fp16) they add nothing else, so call
+    what they wrap; with one, they scale, unscale and skip steps, so keep them.
+    """
+    plain = optimizer.scaler is None and accelerator.distributed_type != DistributedType.XLA
+    stepper = optimizer.optimizer if plain else optimizer
+    backward = torch.Tensor.backward if plain else accelerator.backward
+    return stepper.step, functools.partial(stepper.zero_grad, set_to_none=True), backward
+
+
+def _progress_bar(train: data.ShardedBatches, epoch: int, progress: str, is_main: bool) -> Any:
+    """The epoch's (rows, size) steps, behind a progress bar on the main process when asked for."""
+    steps = train.indices()
+    if not ({"on": True, "off": False, "auto": sys.stdout.isatty()}[progress] and is_main):
+        return steps
+    from tqdm.auto import tqdm
+
+    return tqdm(steps, total=len(train), desc=f"epoch {epoch}", leave=False, mininterval=0.5)
+
+
 class Engine:
     """Owns the Accelerator, the prepared model and its SGD optimizer, from construction on."""
 
@@ -94,15 +118,7 @@ class Engine:
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.phases[0].lr, foreach=self._foreach)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.core = self.accelerator.unwrap_model(self.model)  # for its training/validation steps
-        # AcceleratedOptimizer.step() searches sys.path for the lomo_optim package twice per call,
-        # zero_grad() inspects a signature and Accelerator.backward() divides the loss by 1: together
-        # more than this model's whole step on a CPU. Without a grad scaler (fp16) they add nothing
-        # else, so call what they wrap.
-        plain = self.optimizer.scaler is None and self.accelerator.distributed_type != DistributedType.XLA
-        stepper = self.optimizer.optimizer if plain else self.optimizer
-        self.optimizer_step = stepper.step
-        self.zero_grad = functools.partial(stepper.zero_grad, set_to_none=True)
-        self.backward = torch.Tensor.backward if plain else self.accelerator.backward
+        self.optimizer_step, self.zero_grad, self.backward = _step_functions(self.accelerator, self.optimizer)
         self.graphs = cuda_graphs.StepGraphs(cuda_graphs.applies(cfg, self.device, self.world), self.print)
 
     @property
@@ -203,7 +219,7 @@ class Engine:
         graph = self.graphs.for_lr(self.optimizer.param_groups[0]["lr"], lambda: self._capture(train))
         losses: list[torch.Tensor] = []  # stacked once at the end: cheaper than an add per step
         check = self.stop.every if self.world > 1 else 1
-        for i, (rows, size) in enumerate(self._progress(train.indices(), len(train), epoch)):
+        for i, (rows, size) in enumerate(_progress_bar(train, epoch, self.cfg.progress, self.is_main)):
             if i < start.step:  # resuming mid-epoch: same permutation, these steps are done
                 continue
             if i > start.step and i % check == 0 and self._stop_agreed(epoch, i):
@@ -254,14 +270,6 @@ class Engine:
         if self.world == 1:
             return flag
         return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "sum").item())
-
-    def _progress(self, steps: Any, total: int, epoch: int) -> Any:
-        show = {"on": True, "off": False, "auto": sys.stdout.isatty()}[self.cfg.progress]
-        if not (show and self.is_main):
-            return steps
-        from tqdm.auto import tqdm
-
-        return tqdm(steps, total=total, desc=f"epoch {epoch}", leave=False, mininterval=0.5)
 
     # --- state, facts, tracker, cleanup -----------------------------------------------------------
 
