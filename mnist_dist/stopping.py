@@ -2,8 +2,9 @@
 exception that carries where training stopped, and the resume point that names where it goes on.
 
 A signal handler only sets the flag (saving from inside a handler could interrupt a half-done step);
-the engine polls it between steps, all processes agree, save a checkpoint together and raise
-Preempted. Used by `mnist-dist train` (Ctrl-C aside) and by every task of a SLURM job.
+the engine polls it between steps, all processes agree and raise Preempted at the same step, and the
+run saves a checkpoint of that point before it ends. Used by `mnist-dist train` (Ctrl-C aside) and by
+every task of a SLURM job.
 """
 
 from __future__ import annotations
