@@ -66,6 +66,10 @@ TRAINING_OPTIONS: dict[str, tuple[Any, str | None]] = {
     "source": (Annotated[str | None, Opt(help=" | ".join(SOURCES) + ".")], "data.source"),
     "val_size": (Annotated[int | None, Opt(help="Validation images out of the 60,000.")], "data.val_size"),
     "progress": (Annotated[str | None, Opt(help="auto | on | off (auto: only on a terminal).")], "progress"),
+    "threads": (
+        Annotated[str | None, Opt(help="CPU threads per process: auto (what was allocated) or N.")],
+        "threads",
+    ),
     "wandb_project": (Annotated[str | None, Opt(help="W&B project.")], "wandb.project"),
     "set_": (
         Annotated[
@@ -95,6 +99,8 @@ def config_from_options(opts: dict[str, Any]) -> Any:
     overrides = {key: opts.get(name) for name, (_, key) in TRAINING_OPTIONS.items() if key}
     if overrides["phases"]:
         overrides["phases"] = parse_phases(overrides["phases"])
+    if overrides["threads"] and overrides["threads"].strip().isdigit():
+        overrides["threads"] = int(overrides["threads"])
     return load_config(opts.get("config"), overrides, opts.get("set_"))
 
 
@@ -149,7 +155,9 @@ def submit(
     tasks_per_node: Annotated[
         int | None, Opt(help="Processes per node (default: one per GPU, else 1).")
     ] = None,
-    cpus_per_task: Annotated[int | None, Opt(help="CPUs per process.")] = None,
+    cpus_per_task: Annotated[
+        int | None, Opt(help="CPUs per process, its threads follow them (default: 1 on CPU, 2 per GPU).")
+    ] = None,
     mem: Annotated[str | None, Opt(help="Memory per node, e.g. 16G.")] = None,
     time: Annotated[str, Opt("--time", help="Time limit: minutes or HH:MM:SS.")] = "60",
     account: Annotated[str | None, Opt(help="Slurm account.")] = None,
@@ -189,7 +197,7 @@ def submit(
         world, run_dir = sopts.world_size, cfg.run_dir().absolute()
         print(
             f"# each of the {world} task(s) runs mnist_dist.slurm.TrainJob: rank = SLURM_PROCID, world "
-            f"size {world}, then mnist_dist.run.run(config) into {run_dir}"
+            f"size {world}, {sopts.cpus} CPU thread(s), then mnist_dist.run.run(config) into {run_dir}"
         )
         return
     if as_json:

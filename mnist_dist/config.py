@@ -95,6 +95,9 @@ class TrainConfig(_Strict):
     """auto = replay each full training step as one CUDA graph (one process on a GPU, precision no)."""
     tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
     progress: Literal["auto", "on", "off"] = "auto"
+    threads: int | Literal["auto"] = "auto"
+    """CPU threads per process; auto = the allocation (Slurm's CPUs per task, the affinity mask
+    shared by the processes on the machine), unless OMP_NUM_THREADS says otherwise (threads.py)."""
     """Progress bars on the main process; auto = only when stdout is a terminal."""
     output_dir: str | None = None
     """Run directory; None = runs/<name>."""
@@ -104,6 +107,13 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     max_requeues: int = Field(default=3, ge=0)
     """On SLURM: times a preempted or timed-out job requeues itself before giving up."""
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads_auto_or_count(cls, v: Any) -> Any:
+        if v == "auto" or (type(v) is int and 1 <= v <= 4096):
+            return v
+        raise ValueError("must be 'auto' or a whole number of threads from 1 to 4096")
 
     @model_validator(mode="after")
     def _batch_after_accumulation(self) -> TrainConfig:
@@ -135,7 +145,7 @@ class TrainConfig(_Strict):
     def fingerprint(self) -> str:
         """Hash of what decides the numbers (not where they are written), for checkpoints."""
         decisive = self.model_dump(
-            mode="json", exclude={"name", "output_dir", "tracker", "progress", "wandb"}
+            mode="json", exclude={"name", "output_dir", "tracker", "progress", "threads", "wandb"}
         )
         decisive["data"].pop("dir")
         decisive["data"].pop("source")

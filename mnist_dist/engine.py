@@ -2,14 +2,13 @@
 
 The tutorial's `evaluate` and `fit` live here, written once for every topology: one CPU process, one
 GPU, N processes on a node, N nodes. Per step there is no host sync: metrics are accumulated on the
-device and read once per epoch. The engine knows nothing of histories, run directories or trackers'
-settings: it trains the model it is given and hands out what only it can (the Accelerator's state,
-facts of every rank, the tracker bound to its Accelerator).
+device and read once per epoch.
 
-The model's steps decide the shapes: `training_step` returns one loss per member of the model (a 0-d
-tensor for one model) and the engine backpropagates their sum; `validation_step` returns per-member
-loss sums and correct counts, and `evaluate` keeps the members apart. So a pack of models stacked
-into one module goes through the same fit and evaluate as a single one.
+What the engine trains is given to it: a factory for the module (called after seeding) whose
+`training_step` and `validation_step` turn logits into the loss and the evaluation sums. It yields
+an EpochResult per epoch and leaves history rows, printing and the run's files to run.py. A sweep's
+pack of models stacked into one module (the next issues) comes in through the same door; what it
+adds is one value per member where these steps return one number today.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sys
 import time
 import warnings
@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
-from mnist_dist import checkpoint, cuda_graphs, data, datafiles, provenance, tracking
+from mnist_dist import checkpoint, cuda_graphs, data, datafiles, provenance, threads, tracking
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 from mnist_dist.model import MnistModel
@@ -42,12 +42,33 @@ class EpochResult:
 
     epoch: int
     metrics: dict[str, Any]
-    train_loss: Any  # float; a list with one value per member for a pack
+    train_loss: float
     seconds: float
+
+
+# What torchrun, `accelerate launch --multi_gpu` and submitit export for torch.distributed.
+_WORLD_ENV = (
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _no_world_of_one() -> None:
+    """A world of one process needs no process group: without this, Accelerate builds a gloo (or
+    NCCL) group of one and wraps the model in DDP: a collective per step for nothing to share."""
+    if os.environ.get("WORLD_SIZE", "").strip() == "1":
+        for name in _WORLD_ENV:
+            os.environ.pop(name, None)
 
 
 def _accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     """The Accelerator for this config; device and precision are checked here and nowhere else."""
+    _no_world_of_one()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but no GPU is visible; use --device auto or cpu")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
@@ -101,8 +122,17 @@ class Engine:
         stop: StopFlag | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        self.threads = threads.use(cfg.threads)  # before any parallel work
         self.accelerator = _accelerator(cfg, run_dir)
-        # Rank facts, once.
+        try:
+            self._prepare(build_model, stop)
+        except BaseException:
+            self.close()  # the process group, if one was built
+            raise
+
+    def _prepare(self, build_model: Callable[[], torch.nn.Module], stop: StopFlag | None) -> None:
+        """Rank facts, once; the model (after seeding), its optimizer and the step functions."""
+        cfg = self.cfg
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -159,24 +189,17 @@ class Engine:
     # --- the tutorial's evaluate and fit --------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, val: data.ShardedBatches) -> dict[str, Any]:
+    def evaluate(self, val: data.ShardedBatches) -> dict[str, float]:
         """Exact mean loss and accuracy over every validation sample, whatever the process count."""
         self.model.eval()
-        totals: torch.Tensor | None = None  # loss sum, correct, samples (one column per member)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, samples
         for xb, yb, _ in val:
             loss, correct = self.core.validation_step(self.model(xb), yb)
-            if totals is None:
-                totals = torch.zeros((3, *loss.shape), dtype=torch.float64, device=self.device)
             totals[0] += loss
             totals[1] += correct
             totals[2] += yb.shape[0]
-        assert totals is not None, "a validation split has at least one batch"
-        loss_sum, correct, n = self.accelerator.reduce(totals, reduction="sum").double()
-        return {
-            "val_loss": (loss_sum / n).tolist(),
-            "val_acc": (correct / n).tolist(),
-            "n_val_samples": int(n.flatten()[0]),
-        }
+        loss_sum, correct, n = self.accelerator.reduce(totals, reduction="sum").tolist()
+        return {"val_loss": loss_sum / n, "val_acc": correct / n, "n_val_samples": int(n)}
 
     def fit(
         self,
@@ -202,13 +225,13 @@ class Engine:
             train.set_epoch(epoch)
             train_loss = self._train_epoch(train, epoch, resume_at if epoch == first_epoch else ResumePoint())
             metrics = self.evaluate(val)
-            if not all(map(math.isfinite, train_loss if isinstance(train_loss, list) else [train_loss])):
+            if not math.isfinite(train_loss):
                 raise FloatingPointError(
                     f"training loss is {train_loss} in phase {phase + 1}, epoch {epoch}, lr {lr:g}"
                 )
             yield EpochResult(epoch, metrics, train_loss, round(time.perf_counter() - start, 4))
 
-    def _train_epoch(self, train: data.ShardedBatches, epoch: int, start: ResumePoint) -> Any:
+    def _train_epoch(self, train: data.ShardedBatches, epoch: int, start: ResumePoint) -> float:
         """One epoch of steps from `start`; returns the mean of its step losses (each a batch mean)."""
         model, core = self.model, self.core
         backward, optimizer_step, zero_grad = self.backward, self.optimizer_step, self.zero_grad
@@ -234,14 +257,13 @@ class Engine:
             # Skip the gradient all-reduce on micro-batches that do not end an optimizer step.
             with contextlib.nullcontext() if steps_now else self.accelerator.no_sync(model):
                 loss = core.training_step(model(xb), yb)
-                total = loss if loss.ndim == 0 else loss.sum()  # a pack's members: disjoint parameters
-                backward(total if weights[i] == 1.0 else total * weights[i])
+                backward(loss if weights[i] == 1.0 else loss * weights[i])
             losses.append(loss.detach())
             if steps_now:
                 optimizer_step()
                 zero_grad()
         totals = self.accelerator.reduce(self._loss_sum(losses, graph, start), reduction="sum")
-        return (totals / (len(weights) * self.world)).tolist()
+        return totals.item() / (len(weights) * self.world)
 
     def _loss_sum(
         self, losses: list[torch.Tensor], graph: cuda_graphs.CapturedStep | None, start: ResumePoint
@@ -249,7 +271,7 @@ class Engine:
         """The epoch's step losses so far, summed in float64 on the device, with those before `start`."""
         if graph is not None:
             losses.append(graph.take_loss_sum())
-        total = torch.stack(losses).double().sum(0) if losses else torch.zeros((), dtype=torch.float64)
+        total = torch.stack(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64)
         return total.to(self.device) + start.loss_sum
 
     def _capture(self, train: data.ShardedBatches) -> cuda_graphs.CapturedStep:
@@ -309,6 +331,7 @@ class Engine:
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "precision": self.accelerator.mixed_precision,
+            "threads": self.threads.record(),
             "hosts": sorted({r["host"] for r in per_rank}),
             "train_samples_per_process": [r["train_samples"] for r in per_rank],
         }

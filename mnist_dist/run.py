@@ -143,9 +143,10 @@ class RunState:
         info["git_commit"] = provenance.git_commit()
         info["tracking"] = self.tracker.start(progress.tracker_run_id or job_run_id())
         progress.tracker_run_id = info["tracking"].get("run_id")
+        threads = info["threads"]
         self.engine.print(
             f"{info['world_size']} process(es) on {info['device']}, precision {info['precision']}, "
-            f"run dir {self.run_dir}"
+            f"{threads['count']} CPU thread(s) each ({threads['source']}), run dir {self.run_dir}"
         )
         for entry in self.history:  # what the tracker may have missed before the interruption
             self.tracker.log(entry)
@@ -216,8 +217,8 @@ class RunState:
         self.out.write_run_info(self.info)
 
     def failed(self, e: BaseException) -> None:
-        """Ctrl-C or an error: run.json says which, once the run directory has its config (a stopped
-        run keeps its status)."""
+        """Ctrl-C (`interrupted`) or any other error (`failed`) in run.json, once the run directory
+        has its config; a no-op after a stop that was saved (status `preempted`)."""
         if self.info["status"] != "running":
             return
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

@@ -28,6 +28,10 @@ NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run", "/scratch/local")
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,:+=@%/-]*$")
 TIME_FORMAT = re.compile(r"^(\d+)$|^(?:(\d+)-)?(\d{1,2}):(\d{2})(?::(\d{2}))?$")
 MEM_FORMAT = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
+# Default CPUs per task. This model's step gains little from a second thread on a CPU, while a second
+# job on the same cores doubles the work done, so CPU jobs ask for one and Slurm packs them onto the
+# nodes; a GPU task gets two, one to drive the GPU and one for W&B and I/O.
+CPUS_PER_TASK = {"cpu": 1, "gpu": 2}
 
 
 @dataclass
@@ -38,7 +42,7 @@ class SlurmOptions:
     nodes: int = 1
     gpus_per_node: int = 0
     tasks_per_node: int | None = None  # default: one per GPU, one on CPU-only partitions
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # default: CPUS_PER_TASK
     mem: str | None = None
     time: str = "60"
     account: str | None = None
@@ -52,6 +56,11 @@ class SlurmOptions:
     @property
     def ntasks_per_node(self) -> int:
         return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def cpus(self) -> int:
+        """CPUs asked for each task; the task's training threads follow them (threads.py)."""
+        return self.cpus_per_task or CPUS_PER_TASK["gpu" if self.gpus_per_node else "cpu"]
 
     @property
     def world_size(self) -> int:
@@ -138,12 +147,14 @@ def executor(opts: SlurmOptions, folder: Path) -> Any:
         "nodes": opts.nodes,
         "ntasks_per_node": opts.ntasks_per_node,
         "time": time_minutes(opts.time),
+        "cpus_per_task": opts.cpus,
+        # Slurm 22.05's srun does not inherit --cpus-per-task from the job: the step would get one.
+        "srun_args": [f"--cpus-per-task={opts.cpus}"],
         # submitit's checkpoint/requeue signal (USR2) this long before the time limit.
         "signal_delay_s": opts.signal_delay_s,
     }
     optional = {
         "partition": opts.partition,
-        "cpus_per_task": opts.cpus_per_task,
         "mem": opts.mem,
         "account": opts.account,
         "qos": opts.qos,

@@ -85,10 +85,11 @@ def wait(env: dict[str, str], job: str, *, until=lambda s: s["finished"], timeou
 def jobs(
     cluster: int, slurm_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, tuple]:
-    """Three jobs submitted together: the seed run with W&B, 1 node x 2 tasks, 2 nodes x 1 task."""
+    """Three jobs submitted together: the seed run with W&B (2 CPUs), 1 node x 2 tasks, 2 nodes x 1 task
+    (1 CPU per task, the default)."""
     base = tmp_path_factory.mktemp("slurm")
     out = {
-        "seed": (base / "seed", ["--partition", "gpu", "--tracker", "wandb"]),
+        "seed": (base / "seed", ["--partition", "gpu", "--tracker", "wandb", "--cpus-per-task", "2"]),
         "1x2": (base / "one-node", ["--partition", "cpu", "--tasks-per-node", "2", "--tracker", "none"]),
         "2x1": (base / "two-nodes", ["--partition", "cpu", "--nodes", "2", "--tracker", "none"]),
     }
@@ -103,6 +104,9 @@ def test_submit_seed_config_completes(jobs: dict, slurm_env: dict[str, str]):
     assert len(history) == 11 and history[-1]["val_acc"] >= 0.96
     run = load_json(run_dir / "run.json")
     assert run["world_size"] == 1 and run["status"] == "completed"
+    # One task: no process group; its threads are the CPUs it asked for.
+    assert run["distributed_type"] == "NO"
+    assert run["threads"] == {"count": 2, "source": "SLURM_CPUS_PER_TASK"}
     # One W&B run for the job, offline (no key on the nodes), named after the job id.
     files = wandb_file.wandb_run_files(run_dir)
     assert len(files) == 1
@@ -127,6 +131,7 @@ def test_two_processes_on_slurm_match_one_local_process(
     assert run["world_size"] == 2 and run["distributed_type"] == "MULTI_CPU"
     assert run["train_samples_per_process"] == [25_000, 25_000]
     assert len(run["hosts"]) == hosts, run["hosts"]  # ranks really ran on both hosts
+    assert run["threads"] == {"count": 1, "source": "SLURM_CPUS_PER_TASK"}
     local = load_json(seed_run / "history.json")
     for a, b in zip(load_json(run_dir / "history.json"), local, strict=True):
         assert abs(a["val_loss"] - b["val_loss"]) <= 1e-4 and abs(a["val_acc"] - b["val_acc"]) <= 1e-4
@@ -352,7 +357,9 @@ def test_usr2_preemption_requeues_and_resumes_with_one_wandb_run(
     cluster: int, slurm_env: dict[str, str], seed_run: Path, tmp_path: Path
 ):
     out = tmp_path / "usr2"
-    job = submit(slurm_env, out, "--tracker", "wandb")
+    # As many threads as the local seed run (its affinity mask), so its history is the reference to the bit.
+    cpus = str(len(os.sched_getaffinity(0)))
+    job = submit(slurm_env, out, "--tracker", "wandb", "--cpus-per-task", cpus)
     _preempt(slurm_env, job, out, "USR2")
     info = wait(slurm_env, job)
     assert info["state"] == "COMPLETED", info

@@ -93,6 +93,8 @@ def test_seed_run_directory_is_complete_and_well_formed(seed_run: Path):
     assert "git_commit" in run and run["start_time"] <= run["end_time"]
     assert 0 < run["train_seconds"] <= sum(e["seconds"] for e in history) + 5
     assert run["train_samples_per_process"] == [50_000]
+    if "OMP_NUM_THREADS" not in os.environ:  # alone, the run takes the cores it may run on
+        assert run["threads"] == {"count": len(os.sched_getaffinity(0)), "source": "affinity mask"}
 
     for png in ("loss.png", "accuracy.png"):
         assert (seed_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -140,6 +142,8 @@ def test_two_gloo_processes_match_one_process(seed_run: Path, tmp_path: Path, da
     run = load_json(out / "run.json")
     assert run["world_size"] == 2 and run["distributed_type"] == "MULTI_CPU"
     assert run["train_samples_per_process"] == [25_000, 25_000]
+    # 2 processes on these 2 cores: one thread each (accelerate launch sets OMP_NUM_THREADS).
+    assert run["threads"] == {"count": 1, "source": "OMP_NUM_THREADS"}
     two = load_json(out / "history.json")
     assert all(e["n_val_samples"] == 10_000 for e in two)
     assert_same_history(two, load_json(seed_run / "history.json"))
