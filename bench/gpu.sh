@@ -92,7 +92,7 @@ sys.exit(any("error" in v for v in result.values() if isinstance(v, dict)))
 PY
 if [ -n "$rehearse" ]; then
   # The contenders' plumbing (bench/run.py --quick, in the tests) is not what is rehearsed here.
-  stage "benchmark" 300 "$py" bench/run.py --device "$device" --quick --no-two-processes \
+  stage "benchmark" 300 "$py" bench/run.py --device "$device" --quick --no-two-processes --no-shared-cores \
     --only "mnist-dist,bare loop" --data-dir "$data" --out "$out"
 else
   stage "benchmark" 330 "$py" bench/run.py --device cuda --reps 3 --seeds 3 --no-two-processes \

@@ -8,8 +8,9 @@ Contenders run as separate processes, alternating (A B C D A B C D ...) so drift
 all of them alike. Per contender: training time (initial evaluation + all epochs, measured inside the
 process), whole-process wall time and peak RSS (measured here, from os.wait4), final val_acc; then
 medians and ratios to the fastest. Also `mnist-dist --help` start-up against `python -c "import
-torch"`, 2 gloo processes against 1, and the final val_acc over several seeds. Writes results.json and
-RESULTS.md into --out.
+torch"`, 2 gloo processes against 1, two jobs at once on the cores against one alone (locally and,
+when a Slurm cluster answers, as 1-task jobs), and the final val_acc over several seeds. Writes
+results.json and RESULTS.md into --out.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -192,6 +194,61 @@ def two_processes(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _train_seconds(run_dir: Path) -> float:
+    run = json.loads((run_dir / "run.json").read_text())
+    if run["status"] != "completed":
+        raise RuntimeError(f"{run_dir}: {run['status']} {run.get('error', '')}")
+    return run["train_seconds"]
+
+
+def _at_once(commands: list[list[str]]) -> None:
+    pipe = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    procs = [subprocess.Popen(c, cwd=ROOT, **pipe) for c in commands]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise RuntimeError(err.decode()[-3000:])
+
+
+def _slurm_jobs(args: argparse.Namespace, outs: list[Path]) -> list[float]:
+    """1-task jobs with `mnist-dist submit`'s default options, submitted together: their training seconds."""
+    cli = [PY, "-m", "mnist_dist.cli"]
+    ids = []
+    for out in outs:
+        cmd = [*cli, "submit", *train_args(args, out, device="cpu")[3:], "--allow-local", "--json"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+        ids.append(json.loads(proc.stdout)["job_id"])
+    deadline = time.monotonic() + 900
+    for job in ids:
+        while time.monotonic() < deadline:
+            status = subprocess.run([*cli, "status", job, "--json"], cwd=ROOT, capture_output=True, text=True)
+            if json.loads(status.stdout or "{}").get("finished"):
+                break
+            time.sleep(1)
+    return [_train_seconds(out) for out in outs]
+
+
+def shared_cores(args: argparse.Namespace) -> dict[str, Any]:
+    """Two jobs at once on this machine's cores against one alone: each job's training seconds.
+
+    Locally, `mnist-dist train` takes the cores of its affinity mask, so two at once ask for twice the
+    cores (and `--threads 1` is what a user sharing them would pass). On Slurm, 1-task jobs ask for
+    `--cpus-per-task` (1 by default on CPU) and their threads follow it."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-shared-"))
+    run = [PY, *train_args(args, tmp / "alone", device="cpu")]
+    if run_wait4(run)["returncode"]:
+        raise RuntimeError("the lone local run failed")
+    out: dict[str, Any] = {"local, alone": [_train_seconds(tmp / "alone")]}
+    for label, extra in (("local, 2 at once", ()), ("local, 2 at once, --threads 1", ("--threads", "1"))):
+        dirs = [tmp / f"{label}-{i}".replace(" ", "").replace(",", "") for i in range(2)]
+        _at_once([[PY, *train_args(args, d, *extra, device="cpu")] for d in dirs])
+        out[label] = [_train_seconds(d) for d in dirs]
+    if shutil.which("sbatch") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
+        out["slurm 1-task job, alone"] = _slurm_jobs(args, [tmp / "job-alone"])
+        out["slurm, 2 1-task jobs at once"] = _slurm_jobs(args, [tmp / "job-a", tmp / "job-b"])
+    return out
+
+
 def seeds(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="bench-seeds-"))
     accs = []
@@ -238,6 +295,14 @@ def markdown(results: dict[str, Any]) -> str:
         lines += ["", "| 1 vs 2 gloo processes | value |", "|---|---|"] + [
             f"| {k} | {v:.3g} |" for k, v in t.items()
         ]
+    if "shared_cores" in results:
+        shared = results["shared_cores"]
+        alone = shared["local, alone"][0]
+        lines += ["", "| jobs on the same cores | training s of each | x one local job alone |"]
+        lines += ["|---|---|---|"]
+        lines += [
+            f"| {k} | {', '.join(f'{x:.2f}' for x in v)} | {max(v) / alone:.2f} |" for k, v in shared.items()
+        ]
     if "seeds" in results:
         a = results["seeds"]
         lines += [
@@ -270,6 +335,16 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         out["training / lightning (< 1)"] = (md["train_seconds"] / c["lightning"]["train_seconds"], 1.0, "lt")
     if "tutorial" in c:
         out["tutorial / training (≥ 10)"] = (c["tutorial"]["train_seconds"] / md["train_seconds"], 10.0, "ge")
+    shared = results.get("shared_cores", {})
+    if "slurm, 2 1-task jobs at once" in shared:
+        alone = shared["local, alone"][0]
+        out["slurm: 2 jobs at once / one local job (≤ 2)"] = (
+            max(shared["slurm, 2 1-task jobs at once"]) / alone,
+            2.0,
+            "le",
+        )
+        lone_job = shared["slurm 1-task job, alone"][0]
+        out["slurm: 1-task job / one local job (≤ 1.2)"] = (lone_job / alone, 1.2, "le")
     if "seeds" in results:
         out["median val_acc over seeds (≥ 0.962)"] = (results["seeds"]["median"], 0.962, "ge")
         out["min val_acc over seeds (≥ 0.955)"] = (results["seeds"]["min"], 0.955, "ge")
@@ -286,6 +361,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--only", default="", help="comma-separated contenders (default: all)")
     p.add_argument("--no-two-processes", action="store_true")
+    p.add_argument("--no-shared-cores", action="store_true", help="skip two jobs at once on the cores")
     p.add_argument("--out", type=Path, default=BENCH / "results")
     args = p.parse_args()
     args.phases = "1x0.5,1x0.1" if args.quick else "5x0.5,5x0.1"
@@ -325,6 +401,8 @@ def main() -> None:
     }
     if not args.no_two_processes and args.device != "cuda":
         results["two_processes"] = two_processes(args)
+    if not args.no_shared_cores and args.device != "cuda":
+        results["shared_cores"] = shared_cores(args)
     if args.seeds > 1:
         results["seeds"] = seeds(args)
     if {"mnist-dist", "bare loop"} <= set(names):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +41,14 @@ def test_quick_benchmark_runs_every_contender(tmp_path: Path, data_env: dict[str
         < 0.01
     )
     assert results["two_processes"]["max history difference"] < 1e-4
+    shared = results["shared_cores"]  # per-job training seconds of jobs sharing the cores
+    assert len(shared["local, alone"]) == 1 and len(shared["local, 2 at once, --threads 1"]) == 2
+    cluster = shutil.which("sinfo") and subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
+    if os.environ.get("CI") or cluster:  # on a Slurm cluster (CI starts one), as 1-task jobs too
+        assert len(shared["slurm 1-task job, alone"]) == 1
+        assert len(shared["slurm, 2 1-task jobs at once"]) == 2
+        assert "slurm: 2 jobs at once / one local job (≤ 2)" in results["targets"]
+    assert all(x > 0 for runs in shared.values() for x in runs)
     assert set(results["startup"]) == {"mnist-dist --help", 'python -c "import torch"'}
     assert set(results["targets"]) >= {"training / bare loop (≤ 1.10)", "peak RSS GiB (≤ 1.0)"}
     table = (tmp_path / "RESULTS.md").read_text()
