@@ -95,10 +95,10 @@ class TrainConfig(_Strict):
     """auto = replay each full training step as one CUDA graph (one process on a GPU, precision no)."""
     tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
     progress: Literal["auto", "on", "off"] = "auto"
+    """Progress bars on the main process; auto = only when stdout is a terminal."""
     threads: int | Literal["auto"] = "auto"
     """CPU threads per process; auto = the allocation (Slurm's CPUs per task, the affinity mask
     shared by the processes on the machine), unless OMP_NUM_THREADS says otherwise (threads.py)."""
-    """Progress bars on the main process; auto = only when stdout is a terminal."""
     output_dir: str | None = None
     """Run directory; None = runs/<name>."""
     data: DataConfig = Field(default_factory=DataConfig)

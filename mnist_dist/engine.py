@@ -124,6 +124,9 @@ class Engine:
         self.cfg, self.run_dir = cfg, run_dir
         self.threads = threads.use(cfg.threads)  # before any parallel work
         self.accelerator = _accelerator(cfg, run_dir)
+        # A CPU process group without OMP_NUM_THREADS makes Accelerate set physical cores / local
+        # processes threads: put the decided count back.
+        torch.set_num_threads(self.threads.count)
         try:
             self._prepare(build_model, stop)
         except BaseException:
@@ -331,7 +334,8 @@ class Engine:
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "precision": self.accelerator.mixed_precision,
-            "threads": self.threads.record(),
+            # What torch runs with now, after Accelerate's set-up: it must still be the decided count.
+            "threads": {"count": torch.get_num_threads(), "source": self.threads.source},
             "hosts": sorted({r["host"] for r in per_rank}),
             "train_samples_per_process": [r["train_samples"] for r in per_rank],
         }

@@ -8,16 +8,24 @@ allocation, in this order:
 1. the config key `threads` (`--threads N`), when not `auto`;
 2. `OMP_NUM_THREADS`, when set (`accelerate launch` and torchrun set it for the processes they start);
 3. under Slurm, `SLURM_CPUS_PER_TASK` (`mnist-dist submit` always asks for `--cpus-per-task`);
-4. otherwise the CPUs of the process's affinity mask, divided by the processes on this machine.
+4. otherwise the CPUs this process may use (affinity mask, cgroup CPU quota), divided by the
+   processes on this machine.
+
+2 and 3 are capped at the CPUs this process may use: a value inherited from an outer allocation
+(sbatch's SLURM_CPUS_PER_TASK in a 1-CPU step, `accelerate launch --cpu`'s physical cores) must not
+oversubscribe the process's own share. Accelerate sets its own count (physical cores / local
+processes) when it builds a CPU process group without OMP_NUM_THREADS, so the engine sets the count
+again after building the Accelerator.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -25,40 +33,51 @@ class Threads:
     count: int
     source: str  # what decided it, for the start line and run.json
 
-    def record(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def _positive(text: str | None) -> int | None:
+    """A thread count from the environment; OpenMP's nested form `4,2` counts its first level."""
     try:
-        value = int(str(text).strip())
+        value = int(str(text).split(",")[0].strip())
     except ValueError:
         return None
     return value if value > 0 else None
 
 
-def decide(configured: int | str, env: Mapping[str, str], affinity: int) -> Threads:
-    """The thread count for this process: see the module docstring for the order."""
+def decide(configured: int | str, env: Mapping[str, str], cpus: int) -> Threads:
+    """The thread count for this process, `cpus` being those it may use: see the module docstring."""
     if configured != "auto":
         return Threads(int(configured), "config threads")
     omp = _positive(env.get("OMP_NUM_THREADS"))
     if omp is not None:
-        return Threads(omp, "OMP_NUM_THREADS")
+        return Threads(min(omp, cpus), "OMP_NUM_THREADS")
     slurm = _positive(env.get("SLURM_CPUS_PER_TASK"))
     if slurm is not None and env.get("SLURM_JOB_ID"):
-        return Threads(slurm, "SLURM_CPUS_PER_TASK")
+        return Threads(min(slurm, cpus), "SLURM_CPUS_PER_TASK")
     local = _positive(env.get("LOCAL_WORLD_SIZE")) or 1
     if local == 1:
-        return Threads(affinity, "affinity mask")
-    return Threads(max(1, affinity // local), f"affinity mask / {local} local processes")
+        return Threads(cpus, "affinity mask")
+    return Threads(max(1, cpus // local), f"affinity mask / {local} local processes")
 
 
-def affinity_cpus() -> int:
-    """CPUs this process may run on (the mask Slurm, taskset or a container set), else all."""
+def _cgroup_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """CPUs a cgroup v2 quota allows (`docker --cpus 2`: "200000 100000"), rounded up; None: no quota."""
     try:
-        return len(os.sched_getaffinity(0))
+        quota, period = path.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    return max(1, math.ceil(int(quota) / int(period)))
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (Slurm, taskset), within a cgroup CPU quota."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return min(cpus, quota) if quota else cpus
 
 
 def use(configured: int | str) -> Threads:
@@ -66,7 +85,7 @@ def use(configured: int | str) -> Threads:
     return the intra-op count torch then reports."""
     import torch
 
-    wanted = decide(configured, os.environ, affinity_cpus())
+    wanted = decide(configured, os.environ, usable_cpus())
     torch.set_num_threads(wanted.count)
     # Possible only before the first inter-op parallel work; the intra-op count is what matters here.
     with contextlib.suppress(RuntimeError):

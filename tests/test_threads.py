@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist.threads import Threads, decide
+from mnist_dist.threads import Threads, _cgroup_quota, decide
 
 from conftest import ROOT, env_with, load_json, ok, run_cli, run_history
 
@@ -30,10 +30,22 @@ JOB = {"SLURM_JOB_ID": "7"}
         ("auto", {**JOB, "SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "1"}, Threads(1, "OMP_NUM_THREADS")),
         ("auto", {"OMP_NUM_THREADS": "lots"}, Threads(8, "affinity mask")),
         (2, {**JOB, "SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "1"}, Threads(2, "config threads")),
+        ("auto", {"OMP_NUM_THREADS": "4,2"}, Threads(4, "OMP_NUM_THREADS")),  # OpenMP's nested form
+        # Inherited counts larger than what this process may use (sbatch's value in a 1-CPU step,
+        # accelerate launch --cpu's physical cores) are capped; an explicit config key is not.
+        ("auto", {**JOB, "SLURM_CPUS_PER_TASK": "32"}, Threads(8, "SLURM_CPUS_PER_TASK")),
+        ("auto", {"OMP_NUM_THREADS": "64"}, Threads(8, "OMP_NUM_THREADS")),
+        (16, {}, Threads(16, "config threads")),
     ],
 )
 def test_thread_count_follows_config_then_omp_then_slurm_then_affinity(configured, env, expected):
-    assert decide(configured, env, affinity=8) == expected
+    assert decide(configured, env, cpus=8) == expected
+
+
+@pytest.mark.parametrize(("text", "cpus"), [("max 100000", None), ("200000 100000", 2), ("150000 100000", 2)])
+def test_a_cgroup_cpu_quota_limits_the_usable_cpus(tmp_path: Path, text: str, cpus: int | None):
+    (tmp_path / "cpu.max").write_text(text + "\n")
+    assert _cgroup_quota(tmp_path / "cpu.max") == cpus
 
 
 def smoke(out: Path, *args: str, **env: str):
