@@ -295,6 +295,8 @@ def history(
 def sync(
     run_dir: Annotated[Path, typer.Argument(help="A run directory with W&B offline runs.")],
     dry_run: Annotated[bool, Opt(help="Print the wandb sync commands only.")] = False,
+    timeout: Annotated[float, Opt(help="Seconds one `wandb sync` may take before it is stopped.")] = 600,
+    check: Annotated[bool, Opt(help="First check in seconds that W&B can be reached.")] = True,
 ) -> None:
     """Upload a run's offline W&B runs (`wandb sync`), e.g. from a login node with network."""
     import shutil
@@ -303,25 +305,47 @@ def sync(
 
     from mnist_dist.wandb_file import wandb_run_files
 
+    if not timeout > 0:
+        raise UserError(f"--timeout {timeout:g}: give the seconds a sync may take, e.g. --timeout 600")
     runs = sorted({f.parent for f in wandb_run_files(run_dir)})
     if not runs:
         raise UserError(
             f"{run_dir} has no W&B offline run (wandb/offline-run-*); was it trained with --tracker wandb?"
         )
+    if check and not dry_run:
+        _wandb_reachable_or_exit(run_dir)
     exe = shutil.which("wandb") or str(Path(sys.executable).with_name("wandb"))
     for folder in runs:
         cmd = [exe, "sync", str(folder)]
-        print(" ".join(cmd))
-        if not dry_run:
-            proc = subprocess.run(cmd)
-            if proc.returncode:
-                raise typer.Exit(
-                    _fail(
-                        f"wandb sync {folder} failed (exit {proc.returncode}); "
-                        "check `wandb login` and the network",
-                        code=1,
-                    )
-                )
+        print(" ".join(cmd), flush=True)
+        if dry_run:
+            continue
+        try:
+            proc = subprocess.run(cmd, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            message = f"wandb sync {folder} did not finish in {timeout:g} s; run it again (it resumes)"
+            raise typer.Exit(_fail(message, code=1)) from None
+        if proc.returncode:
+            message = f"wandb sync {folder} failed (exit {proc.returncode}); "
+            message += "check `wandb login` and the network"
+            raise typer.Exit(_fail(message, code=1))
+
+
+def _wandb_reachable_or_exit(run_dir: Path) -> None:
+    """With a key, the same bounded check as training: an unreachable W&B is one line and exit 1
+    (where `wandb sync` would try for minutes). Without a key, wandb itself says so at once."""
+    from mnist_dist import tracking
+    from mnist_dist.provenance import host
+
+    if not tracking.wandb_credentials():
+        return
+    reach = tracking.wandb_reachable(tracking.wandb_base_url())
+    if not reach.ok:
+        message = (
+            f"W&B: {reach.target} unreachable from {host()} ({reach.why}); run `mnist-dist sync {run_dir}` "
+            "on a node with network (--no-check skips this check)"
+        )
+        raise typer.Exit(_fail(message, code=1))
 
 
 @app.command()

@@ -5,19 +5,50 @@ The trackers are Accelerate's (`log_with`): the engine builds the Accelerator an
 a run: when W&B cannot go online the run is written offline under the run directory (`wandb sync
 RUN_DIR/wandb/offline-run-*` uploads it later), and if that fails too the run goes on untracked.
 Processes other than the main one get a NullTracker.
+
+W&B on its own, given an API key, tries to go online and waits out its init timeout (a minute and
+more) on a node without a route to it. So before an online start that nobody forced, one bounded
+check (a TCP connection to the W&B host, or to the HTTPS proxy requests would use, DNS included)
+decides within seconds, once per process; when it fails the run goes offline at once and says so in
+one line. `wandb.mode: online` or WANDB_MODE=online still makes the full attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
+import configparser
 import contextlib
+import functools
 import netrc
 import os
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mnist_dist.config import TrainConfig
+from mnist_dist.provenance import host
 from mnist_dist.wandb_file import last_logged_epoch
+
+WANDB_URL = "https://api.wandb.ai"
+CHECK_SECONDS = 5.0  # long enough for a slow DNS and a TCP handshake, short next to W&B's minute
+
+
+def wandb_base_url() -> str:
+    """The W&B server as W&B finds it: $WANDB_BASE_URL, else `base_url` in its settings file
+    (written by `wandb login --host`; $WANDB_CONFIG_DIR/settings or ~/.config/wandb/settings)."""
+    if os.environ.get("WANDB_BASE_URL"):
+        return os.environ["WANDB_BASE_URL"].rstrip("/")
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+    parser = configparser.ConfigParser()
+    with contextlib.suppress(OSError, configparser.Error):
+        parser.read(config_dir.expanduser() / "settings")
+    return parser.get("default", "base_url", fallback=WANDB_URL).rstrip("/")
 
 
 def wandb_credentials() -> bool:
@@ -28,8 +59,7 @@ def wandb_credentials() -> bool:
         hosts = netrc.netrc(os.environ.get("NETRC")).hosts
     except (OSError, netrc.NetrcParseError):
         return False
-    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
-    return base in hosts
+    return urllib.parse.urlsplit(wandb_base_url()).netloc in hosts  # host[:port], as `wandb login` writes
 
 
 def wandb_mode(configured: str) -> str:
@@ -40,6 +70,97 @@ def wandb_mode(configured: str) -> str:
     if env in ("online", "offline", "disabled"):
         return env
     return "online" if wandb_credentials() else "offline"
+
+
+@dataclass(frozen=True)
+class Reach:
+    """The outcome of one reachability check: could a connection be opened, what was tried, how long."""
+
+    ok: bool
+    target: str  # host:port (and the proxy, when one is used)
+    why: str
+    seconds: float
+
+
+def _endpoint(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
+    return parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def _proxy(url: str) -> str | None:
+    """The proxy W&B would use for url: $WANDB_HTTPS_PROXY, else $HTTPS_PROXY/$HTTP_PROXY unless
+    $NO_PROXY names the host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https" and os.environ.get("WANDB_HTTPS_PROXY"):
+        return os.environ["WANDB_HTTPS_PROXY"]
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
+async def _open(host: str, port: int) -> None:
+    # Happy eyeballs: a black-holed IPv6 address must not use up the time an IPv4 one would answer in.
+    _, writer = await asyncio.open_connection(host, port, happy_eyeballs_delay=0.25)
+    writer.close()
+
+
+def _reason(error: BaseException) -> str:
+    """`Name or service not known`, `Connection refused`: the words of the system, not asyncio's."""
+    if isinstance(error, socket.gaierror):
+        return str(error.strerror)
+    errno = getattr(error, "errno", None)
+    return os.strerror(errno) if errno else str(error)
+
+
+@functools.cache
+def wandb_reachable(url: str, timeout: float = CHECK_SECONDS) -> Reach:
+    """Whether a TCP connection to the W&B server (or its proxy) opens within `timeout` seconds, DNS
+    included (a lookup has no timeout of its own, hence the thread that is given up on). Checked once
+    per process and url: what it decides holds for every run the process starts."""
+    proxy = _proxy(url)
+    host, port = _endpoint(proxy or url)
+    target = f"{host}:{port}" + (f" (proxy for {_endpoint(url)[0]})" if proxy else "")
+    outcome: list[BaseException | None] = []
+
+    def connect() -> None:
+        try:
+            asyncio.run(asyncio.wait_for(_open(host, port), timeout))
+            outcome.append(None)
+        except (OSError, asyncio.TimeoutError) as e:
+            outcome.append(e)
+
+    start = time.monotonic()
+    probe = threading.Thread(target=connect, name="wandb-reachability", daemon=True)
+    probe.start()
+    probe.join(timeout)
+    seconds = round(time.monotonic() - start, 3)
+    if not outcome:
+        return Reach(False, target, f"no answer within {timeout:g} s", seconds)
+    error = outcome[0]
+    if isinstance(error, (TimeoutError, asyncio.TimeoutError)):  # DNS answered, the connection did not
+        return Reach(False, target, f"no answer within {timeout:g} s", seconds)
+    if error is not None:
+        return Reach(False, target, _reason(error), seconds)
+    return Reach(True, target, "reachable", seconds)
+
+
+def start_mode(configured: str) -> tuple[str, dict[str, Any], Reach | None]:
+    """The W&B mode to start in, what run.json records of the decision, and the failed check that
+    sent it offline (None otherwise). A mode that was asked for is taken as it is; W&B's own choice
+    (online with a key) only after the check passes."""
+    asked = wandb_mode(configured)
+    if configured != "auto":
+        return asked, {"mode_reason": "wandb.mode"}, None
+    if os.environ.get("WANDB_MODE", "").strip().lower() == asked:
+        return asked, {"mode_reason": "WANDB_MODE"}, None
+    if asked != "online":
+        return asked, {"mode_reason": "no W&B API key"}, None
+    reach = wandb_reachable(wandb_base_url())
+    record = {"mode_reason": f"{reach.target}: {reach.why}", "check_seconds": reach.seconds}
+    return ("online", record, None) if reach.ok else ("offline", record, reach)
+
+
+_told: set[str] = set()  # targets whose unreachable line was said: once per process
 
 
 def init_kwargs(cfg: TrainConfig, run_dir: Path, mode: str, run_id: str | None = None) -> dict[str, Any]:
@@ -93,7 +214,11 @@ class Tracker:
         cfg = self.cfg
         if cfg.tracker == "none":
             return {"tracker": "none"}
-        mode = wandb_mode(cfg.wandb.mode) if cfg.tracker == "wandb" else "local"
+        mode, decision, unreachable = "local", {}, None
+        if cfg.tracker == "wandb":
+            mode, decision, unreachable = start_mode(cfg.wandb.mode)
+        if unreachable is not None:
+            self._say_offline(unreachable)
         for attempt in (mode, "offline") if mode == "online" else (mode,):
             try:
                 self.accelerator.trackers = []
@@ -102,14 +227,25 @@ class Tracker:
                     config=tracker_config(cfg),
                     init_kwargs=init_kwargs(cfg, self.run_dir, attempt, run_id),
                 )
-                info = self._info(attempt)
+                info = {**self._info(attempt), **decision}
                 self.logged_through = self._last_logged_epoch(info.get("run_id"))
                 return info
             except Exception as e:
                 self.warn(f"warning: {cfg.tracker} tracker ({attempt}) did not start: {e}".splitlines()[0])
+                decision = {**decision, "mode_reason": f"{attempt} start failed"}
         self.accelerator.trackers = []
         self.accelerator.log_with = []
         return {"tracker": "none", "tracker_failed": cfg.tracker}
+
+    def _say_offline(self, reach: Reach) -> None:
+        """One line, once per process, when the check sent the run offline: why, and what to do."""
+        if reach.target in _told:
+            return
+        _told.add(reach.target)
+        self.warn(
+            f"W&B: {reach.target} unreachable from {host()} ({reach.why}); logging offline to "
+            f"{self.run_dir / 'wandb'} (upload later: mnist-dist sync {self.run_dir})"
+        )
 
     def _info(self, mode: str) -> dict[str, Any]:
         if self.cfg.tracker != "wandb":

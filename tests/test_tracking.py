@@ -1,10 +1,18 @@
-"""Trackers: a real W&B offline run read back from its file; TensorBoard; tracking never fails a run."""
+"""Trackers: a real W&B offline run read back from its file; TensorBoard; tracking never fails a run;
+W&B's mode decided in seconds on a node without a route to it."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import time
 from pathlib import Path
 
+import pytest
+
 from mnist_dist import tracking, wandb_file
+from mnist_dist.config import TrainConfig
+from mnist_dist.provenance import host
 
 from conftest import ROOT, env_with, load_json, ok, run_cli
 
@@ -100,3 +108,134 @@ def test_wandb_mode_decision(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert tracking.wandb_mode("auto") == "offline"
     assert tracking.wandb_mode("online") == "online"
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on: a connection there is refused at once, as on a node whose
+    firewall rejects W&B (no traffic leaves the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_key_without_a_route_to_wandb_goes_offline_at_once(tmp_path: Path, mnist_dir: Path):
+    """A key and no mode forced: W&B alone would try to go online and wait out its init timeout (a
+    minute and more). The check decides at once, the run says so in one line and logs offline; sync
+    makes the same check and ends with one line instead of hanging."""
+    port = closed_port()
+    env = env_with(
+        MNIST_DIST_DATA_DIR=str(mnist_dir),
+        HOME=str(tmp_path),
+        WANDB_API_KEY="0123456789abcdef" * 2 + "01234567",  # 40 characters, the form of a real key
+        WANDB_BASE_URL=f"http://127.0.0.1:{port}",
+    )
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "WANDB_HTTPS_PROXY"):
+        env.pop(name, None)
+    out = tmp_path / "run"
+    cmd = ("train", "-c", ROOT / "configs/smoke.yaml", "--tracker", "wandb", "--output-dir", out)
+    proc = ok(run_cli(*cmd, env=env, timeout=120))
+    said = [line for line in proc.stdout.splitlines() if line.startswith("W&B: ")]
+    assert said == [
+        f"W&B: 127.0.0.1:{port} unreachable from {host()} (Connection refused); logging "
+        f"offline to {out / 'wandb'} (upload later: mnist-dist sync {out})"
+    ]
+    assert "did not start" not in proc.stdout, "no online attempt was made"
+    info = load_json(out / "run.json")["tracking"]
+    assert info["mode"] == "offline" and info["mode_reason"] == f"127.0.0.1:{port}: Connection refused"
+    assert info["check_seconds"] < tracking.CHECK_SECONDS
+    files = wandb_file.wandb_run_files(out)
+    assert len(files) == 1 and len(wandb_file.read_wandb_run(files[0])["history"]) == 3
+
+    proc = run_cli("sync", out, env=env, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: W&B: 127.0.0.1:{port} unreachable from ")
+    assert f"run `mnist-dist sync {out}` on a node with network" in proc.stderr
+
+
+def listening_port() -> tuple[socket.socket, int]:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    return server, server.getsockname()[1]
+
+
+def no_proxy(monkeypatch) -> None:
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "WANDB_HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_key_and_a_reachable_server_go_online(monkeypatch):
+    no_proxy(monkeypatch)
+    server, port = listening_port()
+    with server:
+        monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+        mode, record, reach = tracking.start_mode("auto")
+    assert (mode, reach) == ("online", None)
+    assert record["mode_reason"] == f"127.0.0.1:{port}: reachable" and record["check_seconds"] < 1
+
+
+def test_a_forced_mode_skips_the_check(monkeypatch):
+    def checked(*_):
+        raise AssertionError("the check ran for a forced mode")
+
+    monkeypatch.setattr(tracking, "wandb_reachable", checked)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert tracking.start_mode("online") == ("online", {"mode_reason": "wandb.mode"}, None)
+    assert tracking.start_mode("offline") == ("offline", {"mode_reason": "wandb.mode"}, None)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert tracking.start_mode("auto") == ("online", {"mode_reason": "WANDB_MODE"}, None)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.start_mode("auto") == ("disabled", {"mode_reason": "WANDB_MODE"}, None)
+
+
+async def _no_answer(host: str, port: int) -> None:
+    await asyncio.sleep(3)  # a black-holed route: the handshake never completes
+
+
+async def _hung_lookup(host: str, port: int) -> None:
+    time.sleep(3)  # a DNS lookup that hangs: nothing inside the loop can cancel it
+
+
+@pytest.mark.parametrize("stall", [_no_answer, _hung_lookup])
+def test_the_check_is_bounded_when_nothing_answers(monkeypatch, stall):
+    monkeypatch.setattr(tracking, "_open", stall)
+    reach = tracking.wandb_reachable.__wrapped__("https://wandb.example", timeout=0.3)
+    assert (reach.ok, reach.target, reach.why) == (False, "wandb.example:443", "no answer within 0.3 s")
+    assert reach.seconds < 1
+
+
+def test_the_check_goes_through_the_https_proxy(monkeypatch):
+    no_proxy(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert tracking._proxy("https://api.wandb.ai") == "http://127.0.0.1:3128"
+    monkeypatch.setenv("NO_PROXY", "api.wandb.ai")
+    assert tracking._proxy("https://api.wandb.ai") is None
+    monkeypatch.setenv("WANDB_HTTPS_PROXY", "http://127.0.0.1:8888")  # W&B's own wins
+    assert tracking._proxy("https://api.wandb.ai") == "http://127.0.0.1:8888"
+
+
+def test_the_server_comes_from_wandb_login_host_and_its_key_from_netrc(monkeypatch, tmp_path: Path):
+    """`wandb login --host` writes base_url into W&B's settings file and host:port into ~/.netrc."""
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    assert tracking.wandb_base_url() == "https://api.wandb.ai"
+    (tmp_path / "settings").write_text("[default]\nbase_url = http://wandb.corp:8080/\n")
+    assert tracking.wandb_base_url() == "http://wandb.corp:8080"
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    (tmp_path / "netrc").write_text("machine wandb.corp:8080\n  login user\n  password abc\n")
+    assert tracking.wandb_credentials()
+
+
+def test_the_offline_line_is_said_once_per_process(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(tracking, "_told", set())
+    said: list[str] = []
+    reach = tracking.Reach(False, "h:443", "Connection refused", 0.01)
+    for run in ("a", "b"):  # two runs in one process, e.g. a sweep's members
+        tracking.Tracker(TrainConfig(), tmp_path / run, None, said.append)._say_offline(reach)
+    assert len(said) == 1 and said[0].startswith("W&B: h:443 unreachable from ")
