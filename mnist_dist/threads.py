@@ -63,11 +63,9 @@ def _cgroup_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
     """CPUs a cgroup v2 quota allows (`docker --cpus 2`: "200000 100000"), rounded up; None: no quota."""
     try:
         quota, period = path.read_text().split()[:2]
-    except (OSError, ValueError):
+        return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError, ZeroDivisionError):  # no cgroup v2 here, or a file we cannot read
         return None
-    if quota == "max":
-        return None
-    return max(1, math.ceil(int(quota) / int(period)))
 
 
 def usable_cpus() -> int:

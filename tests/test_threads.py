@@ -42,7 +42,10 @@ def test_thread_count_follows_config_then_omp_then_slurm_then_affinity(configure
     assert decide(configured, env, cpus=8) == expected
 
 
-@pytest.mark.parametrize(("text", "cpus"), [("max 100000", None), ("200000 100000", 2), ("150000 100000", 2)])
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [("max 100000", None), ("200000 100000", 2), ("150000 100000", 2), ("junk", None), ("5 0", None)],
+)
 def test_a_cgroup_cpu_quota_limits_the_usable_cpus(tmp_path: Path, text: str, cpus: int | None):
     (tmp_path / "cpu.max").write_text(text + "\n")
     assert _cgroup_quota(tmp_path / "cpu.max") == cpus
