@@ -118,13 +118,13 @@ def wandb_reachable(url: str, timeout: float = CHECK_SECONDS) -> Reach:
     included (a lookup has no timeout of its own, hence the thread that is given up on). Checked once
     per process and url: what it decides holds for every run the process starts."""
     proxy = _proxy(url)
-    host, port = _endpoint(proxy or url)
-    target = f"{host}:{port}" + (f" (proxy for {_endpoint(url)[0]})" if proxy else "")
+    server, port = _endpoint(proxy or url)
+    target = f"{server}:{port}" + (f" (proxy for {_endpoint(url)[0]})" if proxy else "")
     outcome: list[BaseException | None] = []
 
     def connect() -> None:
         try:
-            asyncio.run(asyncio.wait_for(_open(host, port), timeout))
+            asyncio.run(asyncio.wait_for(_open(server, port), timeout))
             outcome.append(None)
         except (OSError, asyncio.TimeoutError) as e:
             outcome.append(e)
