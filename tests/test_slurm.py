@@ -246,9 +246,15 @@ def test_dry_run_prints_the_golden_sbatch_script_and_submits_nothing(
 def test_pending_job_is_not_finished_and_cancel_works(
     cluster: int, slurm_env: dict[str, str], tmp_path: Path
 ):
-    job = submit(slurm_env, tmp_path / "held", "--tracker", "none")
-    subprocess.run(["scontrol", "hold", job], check=True)
-    info = status(slurm_env, job)
+    # A DOWN partition queues jobs and starts none: the job is PENDING for sure (a hold after submit
+    # raced the scheduler, which can start a 1-CPU job on an idle cluster first).
+    subprocess.run(["scontrol", "update", "PartitionName=cpu", "State=DOWN"], check=True)
+    try:
+        job = submit(slurm_env, tmp_path / "held", "--tracker", "none", "--partition", "cpu")
+        info = status(slurm_env, job)
+        subprocess.run(["scontrol", "hold", job], check=True)  # and stays so once the partition is up
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=cpu", "State=UP"], check=True)
     assert info["state"] == "PENDING" and not info["finished"]
     text = ok(run_cli("cancel", job, env=slurm_env)).stdout
     assert text.strip() == f"job {job}: CANCELLED"
