@@ -335,14 +335,13 @@ def _wandb_reachable_or_exit(run_dir: Path) -> None:
     """With a key, the same bounded check as training: an unreachable W&B is one line and exit 1
     (where `wandb sync` would try for minutes). Without a key, wandb itself says so at once."""
     from mnist_dist import tracking
-    from mnist_dist.provenance import host
 
     if not tracking.wandb_credentials():
         return
     reach = tracking.wandb_reachable(tracking.wandb_base_url())
     if not reach.ok:
         message = (
-            f"W&B: {reach.target} unreachable from {host()} ({reach.why}); run `mnist-dist sync {run_dir}` "
+            f"{reach.unreachable()}; run `mnist-dist sync {run_dir}` "
             "on a node with network (--no-check skips this check)"
         )
         raise typer.Exit(_fail(message, code=1))

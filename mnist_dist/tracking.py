@@ -81,6 +81,10 @@ class Reach:
     why: str
     seconds: float
 
+    def unreachable(self) -> str:
+        """The start of the one line a run or `sync` says when the check failed."""
+        return f"W&B: {self.target} unreachable from {host()} ({self.why})"
+
 
 def _endpoint(url: str) -> tuple[str, int]:
     parts = urllib.parse.urlsplit(url if "://" in url else f"https://{url}")
@@ -243,7 +247,7 @@ class Tracker:
             return
         _told.add(reach.target)
         self.warn(
-            f"W&B: {reach.target} unreachable from {host()} ({reach.why}); logging offline to "
+            f"{reach.unreachable()}; logging offline to "
             f"{self.run_dir / 'wandb'} (upload later: mnist-dist sync {self.run_dir})"
         )
 
