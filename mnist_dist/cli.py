@@ -246,6 +246,8 @@ def logs(
 
     from mnist_dist import jobs
 
+    if task < 0:
+        raise UserError(f"--task {task}: tasks are numbered from 0 (the rank); e.g. --task 0")
     files = jobs.log_files(job, task)
     shown = [0, 0]
     while True:
@@ -305,8 +307,8 @@ def sync(
 
     from mnist_dist.wandb_file import wandb_run_files
 
-    if not timeout > 0:
-        raise UserError(f"--timeout {timeout:g}: give the seconds a sync may take, e.g. --timeout 600")
+    if not 0 < timeout <= 7 * 86400:
+        raise UserError(f"--timeout {timeout:g}: give the seconds a sync may take (up to a week), e.g. 600")
     runs = sorted({f.parent for f in wandb_run_files(run_dir)})
     if not runs:
         raise UserError(

@@ -21,6 +21,11 @@ from mnist_dist.datafiles import SOURCES
 from mnist_dist.errors import UserError
 
 MNIST_TRAIN_SIZE = 60_000
+# Bounds: every number is checked here before it reaches torch or numpy (whose seeds are 32-bit).
+SEED_MAX = 2**32 - 1
+EPOCHS_MAX = 100_000
+LR_MAX = 1000.0
+HIDDEN_MAX = 65_536
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -32,14 +37,14 @@ class _Strict(BaseModel):
 class Phase(_Strict):
     """One fit() call of the tutorial: `epochs` epochs of SGD at learning rate `lr`."""
 
-    epochs: int = Field(ge=1, description="epochs in this phase (>= 1)")
-    lr: float = Field(description="SGD learning rate, a finite number > 0")
+    epochs: int = Field(ge=1, le=EPOCHS_MAX, description="epochs in this phase")
+    lr: float = Field(description="SGD learning rate, a finite number > 0 and <= LR_MAX")
 
     @field_validator("lr")
     @classmethod
     def _lr_positive_finite(cls, v: float) -> float:
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError("must be a finite number > 0")
+        if not math.isfinite(v) or v <= 0 or v > LR_MAX:
+            raise ValueError(f"must be a finite number > 0 and <= {LR_MAX:g}")
         return v
 
 
@@ -50,12 +55,12 @@ class DataConfig(_Strict):
     """Data directory (torchvision layout: DIR/MNIST/raw); None = $MNIST_DIST_DATA_DIR, else ./data."""
     val_size: int = Field(default=10_000, ge=1, lt=MNIST_TRAIN_SIZE)
     """Validation images taken at random (seeded) from the 60,000 training images."""
-    split_seed: int = 42
+    split_seed: int = Field(default=42, ge=0, le=SEED_MAX)
     """Seed of the train/validation split, apart from the training seed so both can vary alone."""
 
 
 class ModelConfig(_Strict):
-    hidden_size: int = Field(default=32, ge=1)
+    hidden_size: int = Field(default=32, ge=1, le=HIDDEN_MAX)
 
 
 class WandbConfig(_Strict):
@@ -66,11 +71,11 @@ class WandbConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every_epochs: int = Field(default=1, ge=0)
+    every_epochs: int = Field(default=1, ge=0, le=EPOCHS_MAX)
     """Save the full training state every N epochs (0: never; preemption still saves)."""
-    keep: int = Field(default=2, ge=1)
+    keep: int = Field(default=2, ge=1, le=1000)
     """Checkpoints kept; older ones are deleted."""
-    stop_check_steps: int = Field(default=10, ge=1)
+    stop_check_steps: int = Field(default=10, ge=1, le=1_000_000)
     """With several processes, agree on a stop request every N steps (one tiny all-reduce)."""
 
 
@@ -82,12 +87,12 @@ class TrainConfig(_Strict):
     """Everything that decides a run. Printed at start, saved as config.yaml, sent to the tracker."""
 
     name: str = Field(default="seed", pattern=NAME_PATTERN)
-    seed: int = 42
-    phases: list[Phase] = Field(default_factory=_seed_phases, min_length=1)
-    batch_size: int = Field(default=128, ge=1)
+    seed: int = Field(default=42, ge=0, le=SEED_MAX)
+    phases: list[Phase] = Field(default_factory=_seed_phases, min_length=1, max_length=100)
+    batch_size: int = Field(default=128, ge=1, le=MNIST_TRAIN_SIZE)
     """Global training batch: with N processes each takes a contiguous 1/N of every batch."""
-    val_batch_size: int = Field(default=256, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
+    val_batch_size: int = Field(default=256, ge=1, le=MNIST_TRAIN_SIZE)
+    grad_accum: int = Field(default=1, ge=1, le=MNIST_TRAIN_SIZE)
     """Micro-batches of `batch_size` per optimizer step (effective batch = batch_size x grad_accum)."""
     precision: Literal["no", "bf16", "fp16"] = "no"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -105,7 +110,7 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    max_requeues: int = Field(default=3, ge=0)
+    max_requeues: int = Field(default=3, ge=0, le=1000)
     """On SLURM: times a preempted or timed-out job requeues itself before giving up."""
 
     @field_validator("threads", mode="before")

@@ -32,6 +32,14 @@ MEM_FORMAT = re.compile(r"^\d+[KMGT]?B?$", re.IGNORECASE)
 # job on the same cores doubles the work done, so CPU jobs ask for one and Slurm packs them onto the
 # nodes; a GPU task gets two, one to drive the GPU and one for W&B and I/O.
 CPUS_PER_TASK = {"cpu": 1, "gpu": 2}
+# What a job may ask for: (least, most); beyond these a value is a typo, not a cluster.
+COUNT_BOUNDS = {
+    "nodes": (1, 4096),
+    "gpus_per_node": (0, 64),
+    "tasks_per_node": (1, 1024),
+    "cpus_per_task": (1, 4096),
+}
+TIME_MAX_MINUTES = 365 * 1440
 
 
 @dataclass
@@ -88,14 +96,15 @@ def check_values(opts: SlurmOptions) -> None:
                 f"{flag} {value!r} has characters Slurm names do not use; "
                 "use letters, digits and . _ - , : + = @ / only"
             )
-    for name in ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task"):
+    for name, (minimum, maximum) in COUNT_BOUNDS.items():
         value = getattr(opts, name)
-        minimum = 0 if name == "gpus_per_node" else 1
-        if value is not None and value < minimum:
-            raise UserError(f"--{name.replace('_', '-')} {value} must be at least {minimum}")
+        if value is not None and not minimum <= value <= maximum:
+            raise UserError(f"--{name.replace('_', '-')} {value} must be from {minimum} to {maximum}")
     if opts.mem is not None and not MEM_FORMAT.match(opts.mem):
         raise UserError(f"--mem '{opts.mem}' is not a Slurm memory size; write e.g. 16G or 4000M")
-    time_minutes(opts.time)
+    minutes = time_minutes(opts.time)
+    if not 1 <= minutes <= TIME_MAX_MINUTES:
+        raise UserError(f"--time '{opts.time}' must be from 1 minute to 365 days; write e.g. 60 or 01:30:00")
 
 
 def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
