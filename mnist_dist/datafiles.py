@@ -187,7 +187,8 @@ def _fetch_torchvision(workdir: Path) -> dict[str, bytes]:
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(20)  # urllib has none: an unreachable mirror would hang for minutes
     try:
-        with contextlib.redirect_stdout(io.StringIO()):
+        # torchvision prints what it fetches on stdout and tqdm bars on stderr: ours is one line.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             for train in (True, False):
                 MNIST(str(workdir), train=train, download=True)
     except Exception as e:
@@ -204,7 +205,6 @@ def _fetch_torchvision(workdir: Path) -> dict[str, bytes]:
 
 def _install(files: dict[str, bytes], data_dir: Path, origin: str) -> None:
     root = data_dir / "MNIST" / "raw"
-    root.mkdir(parents=True, exist_ok=True)
     for spec in FILES.values():
         payload = files[spec.name]
         digest = hashlib.md5(payload, usedforsecurity=False).hexdigest()
@@ -212,6 +212,7 @@ def _install(files: dict[str, bytes], data_dir: Path, origin: str) -> None:
             raise UserError(
                 f"{spec.name} from {origin} has MD5 {digest}, expected {spec.md5}; nothing was written"
             )
+    root.mkdir(parents=True, exist_ok=True)  # only once every file is known good
     for name, payload in files.items():
         write_atomic(root / name, payload, mode=0o644)  # shared data: readable by every user
 
