@@ -256,6 +256,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise UserError(f"config file {path} not found; pass an existing YAML file, e.g. configs/seed.yaml")
     try:
         data = parse_yaml(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read as text ({e}); pass a YAML file") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""

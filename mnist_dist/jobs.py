@@ -41,28 +41,40 @@ def remember(sub: Any) -> None:
     from dataclasses import asdict
 
     record = {**asdict(sub), "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    folder = state_dir()
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    (folder / f"{sub.job_id}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (Path(sub.run_dir) / "job.json").write_text(json.dumps(record, indent=2) + "\n")
+    from mnist_dist.atomic import write_atomic
+    from mnist_dist.ownership import private_dir
+
+    folder = private_dir(state_dir(), "job records dir")
+    write_atomic(folder / f"{sub.job_id}.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(Path(sub.run_dir) / "job.json", json.dumps(record, indent=2) + "\n")
 
 
 def lookup(job: str) -> dict[str, Any]:
     """The record of a job id, or of the job whose run directory is `job`."""
     path = Path(job)
     if path.is_dir() and (path / "job.json").is_file():
-        return json.loads((path / "job.json").read_text())
+        return _read_record(path / "job.json")
     if not JOB_ID.match(job):
         raise UserError(f"'{job}' is neither a job id (digits) nor a run directory submitted by mnist-dist")
     record = state_dir() / f"{job}.json"
     if record.is_file():
-        return json.loads(record.read_text())
+        return _read_record(record)
     if _squeue(job) or _scontrol(job):
         return {"job_id": job, "run_dir": None, "folder": None}
     raise UserError(
         f"job {job} is not known to Slurm or to mnist-dist (records in {state_dir()}); "
         "check the id with squeue"
     )
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"job record {path} is unreadable ({e}); delete it, or pass the job id") from None
+    if not isinstance(record, dict) or not JOB_ID.match(str(record.get("job_id", ""))):
+        raise UserError(f"job record {path} has no job_id; delete it, or pass the job id")
+    return record
 
 
 def _squeue(job_id: str) -> dict[str, str] | None:
@@ -175,6 +187,8 @@ def status(job: str) -> dict[str, Any]:
 
 def cancel(job: str) -> dict[str, Any]:
     record = lookup(job)
+    if not (_squeue(record["job_id"]) or _scontrol(record["job_id"])):  # over, or forgotten by Slurm
+        return status(record["job_id"])
     proc = subprocess.run(["scancel", record["job_id"]], capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise UserError(f"scancel {record['job_id']} failed: {proc.stderr.strip() or proc.stdout.strip()}")
@@ -207,9 +221,27 @@ def history(job_or_dir: str) -> list[dict[str, Any]]:
     path = Path(job_or_dir)
     run_dir = path if path.is_dir() else Path(lookup(job_or_dir).get("run_dir") or "")
     if (run_dir / "history.json").is_file():
-        return json.loads((run_dir / "history.json").read_text())
+        from mnist_dist.outputs import read_history
+
+        return read_history(run_dir / "history.json")
     if (run_dir / "metrics.jsonl").is_file():
-        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        return _metrics(run_dir / "metrics.jsonl")
     if path.is_dir():
         raise UserError(f"{run_dir} has no history.json or metrics.jsonl; pass a run directory")
     return []
+
+
+def _metrics(path: Path) -> list[dict[str, Any]]:
+    """The entries of metrics.jsonl; a torn last line (being written, or cut by a crash) is left out."""
+    lines = path.read_text(errors="replace").splitlines()
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and "epoch" in entry:
+            entries.append(entry)
+        elif number < len(lines) or not entries:
+            raise UserError(f"{path} line {number} is not a history entry; the file is damaged")
+    return entries

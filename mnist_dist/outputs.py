@@ -15,6 +15,8 @@ from typing import Any
 from mnist_dist.atomic import atomic_path, write_atomic
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
+from mnist_dist.faults import writing
+from mnist_dist.ownership import private_dir
 
 WEIGHTS = "model.safetensors"
 
@@ -61,20 +63,16 @@ class RunDir:
 
     def create(self, history: list[dict[str, Any]] | None = None) -> None:
         """Make the folder; metrics.jsonl starts over, or from the history of a resumed checkpoint."""
-        try:
-            # 0700: run folders hold pickles that cluster jobs execute, and W&B run files.
-            self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as e:
-            raise UserError(
-                f"cannot create output dir {self.path} ({e.strerror}); pass another --output-dir"
-            ) from None
+        # 0700: run folders hold pickles that cluster jobs execute, and W&B run files.
+        private_dir(self.path, "output dir")
         write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(e) + "\n" for e in history or []))
 
     def write_config(self, cfg: TrainConfig) -> None:
         write_atomic(self.path / "config.yaml", cfg.to_yaml())
 
     def append_metrics(self, entry: dict[str, Any]) -> None:
-        with (self.path / "metrics.jsonl").open("a") as f:
+        path = self.path / "metrics.jsonl"
+        with writing(path), path.open("a") as f:  # a torn last line is rewritten from the history on resume
             f.write(json.dumps(entry) + "\n")
 
     def write_history(self, history: list[dict[str, Any]]) -> None:
@@ -97,7 +95,8 @@ class RunDir:
     def plot(self, history: list[dict[str, Any]]) -> list[Path]:
         from mnist_dist.plots import plot_history
 
-        return plot_history(history, self.path)
+        with writing(self.path / "loss.png"):
+            return plot_history(history, self.path)
 
 
 class NullRunDir(RunDir):
@@ -123,8 +122,18 @@ def read_run(path: Path) -> tuple[TrainConfig, list[dict[str, Any]]]:
     history_path = path / "history.json"
     if not history_path.is_file():
         raise UserError(f"{history_path} is missing; the run has not finished")
+    return cfg, read_history(history_path)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    """A history.json: a list of entries with epoch, val_loss and val_acc; else UserError."""
     try:
-        history = json.loads(history_path.read_text())
+        history = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{history_path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    return cfg, history
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} cannot be read ({e})") from None
+    keys = {"epoch", "val_loss", "val_acc"}
+    if not isinstance(history, list) or not all(isinstance(e, dict) and keys <= e.keys() for e in history):
+        raise UserError(f"{path} is not a history (a list of entries with epoch, val_loss, val_acc)")
+    return history
