@@ -40,6 +40,7 @@ class Progress:
     fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0  # training time spent before this checkpoint
+    segments: list[dict[str, Any]] = field(default_factory=list)  # the runs that trained so far
     files: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -97,6 +98,17 @@ def candidates(run_dir: Path) -> list[Path]:
         if m and p.is_dir():
             found.append(((int(m.group(1)), int(m.group(2) or 0)), p))
     return [p for _, p in sorted(found, reverse=True)]
+
+
+def newest_sound(run_dir: Path) -> Path | None:
+    """The checkpoint a resume would take now, or None."""
+    for path in candidates(run_dir):
+        try:
+            read(path)
+        except UserError:
+            continue
+        return path
+    return None
 
 
 def read(path: Path) -> Progress:

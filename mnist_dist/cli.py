@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -122,28 +124,67 @@ def train(
     simulate_preemption_at: Annotated[
         str | None, Opt(help="Drill: stop at EPOCH[:STEP] as a preempted job would (save, exit 75).")
     ] = None,
+    debug: Annotated[bool, Opt(help="Traceback of a disk or I/O fault (MNIST_DIST_DEBUG=1).")] = False,
     **opts: Any,
 ) -> None:
     """Train: history = evaluate() then fit(phase) for each phase; writes the run directory."""
+    from mnist_dist.faults import DEBUG_ENV, WriteFault
     from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
+
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
 
     cfg = config_from_options(opts)
     stop = StopFlag(cfg.checkpoint.stop_check_steps, at=_stop_at(simulate_preemption_at))
-    from mnist_dist.run import run  # torch: only once the options are known good
+    if resume not in ("auto", "never"):  # a named checkpoint is checked before anything is written
+        from mnist_dist.checkpoint import choose
 
-    stop_on_signals(stop)
+        choose(cfg.run_dir(), resume)
+    lock = _lock_early(cfg.run_dir())
     try:
-        run(cfg, resume=resume, force=force, stop=stop)
+        from mnist_dist.run import run  # torch: only once the options are known good
+
+        stop_on_signals(stop)
+        run(cfg, resume=resume, force=force, stop=stop, lock=lock)
     except FloatingPointError as e:
         raise typer.Exit(_fail(f"training diverged: {e}; lower the lr of that phase", code=1)) from None
     except Preempted as e:
-        raise typer.Exit(
-            _fail(f"{e}: checkpoint saved; run the same command again to resume", code=75)
-        ) from None
+        raise typer.Exit(_stopped(e)) from None
     except KeyboardInterrupt:
         raise typer.Exit(
             _fail("interrupted; checkpoints are kept: run the same command again to resume", code=130)
         ) from None
+    except WriteFault as e:
+        saved = e.last_checkpoint
+        where = f"the last sound checkpoint is {saved}" if saved else "no checkpoint was saved yet"
+        raise typer.Exit(_fault(e, f"{where}; fix that and run the same command again to resume")) from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _stopped(e: Exception) -> int:
+    """A clean stop (drill, SIGUSR2/SIGTERM): exit 75 on every process, one line from the main one.
+    Under `accelerate launch` or torchrun the launcher itself then exits 1 with a ChildFailedError
+    banner for any non-zero exit, so the line says that this one is the clean stop."""
+    from mnist_dist.ownership import single_process
+
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return 75
+    launched = "" if single_process() else " (the launcher reports it as exit 1, ChildFailedError)"
+    return _fail(f"{e}: checkpoint saved; run the same command again to resume{launched}", code=75)
+
+
+def _lock_early(run_dir: Path) -> Any:
+    """One process: the run dir's lock before torch is imported, so a second writer hears at once.
+    Under a multi-process launcher, run() takes it on the main process (it knows which that is)."""
+    from mnist_dist.outputs import check_output_dir
+    from mnist_dist.ownership import RunLock, single_process
+
+    if not single_process():
+        return None
+    check_output_dir(run_dir)
+    return RunLock(run_dir).acquire()
 
 
 @app.command()
@@ -416,6 +457,15 @@ def data_prepare(
     print(f"MNIST verified in {root}")
 
 
+def _fault(e: Exception, then: str) -> int:
+    """A fault of the machine (full disk, I/O error): one line and exit 1, the traceback on request."""
+    from mnist_dist import faults
+
+    if faults.debug():
+        traceback.print_exc()
+    return _fail(f"{e}; {then}", code=1)
+
+
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
@@ -435,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e.format_message(), code=e.exit_code)
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C (click turns it into Abort)
         return _fail("interrupted", code=130)
+    except Exception as e:
+        from mnist_dist.faults import WriteFault
+
+        if not isinstance(e, WriteFault):
+            raise
+        return _fault(e, "fix that and run the same command again")
     return code if isinstance(code, int) else 0
 
 

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -29,7 +30,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
-from mnist_dist import checkpoint, cuda_graphs, data, datafiles, provenance, threads, tracking
+from mnist_dist import checkpoint, cuda_graphs, data, datafiles, faults, provenance, threads, tracking
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 from mnist_dist.model import MnistModel
@@ -290,8 +291,11 @@ class Engine:
         return cuda_graphs.CapturedStep(step, train.batch_size, lr, params, self.zero_grad, self.device)
 
     def _stop_agreed(self, epoch: int, step: int) -> bool:
-        """True on every process once any process was asked to stop (all-reduced with > 1 process)."""
-        flag = self.stop.poll(epoch, step)
+        """True on every process once any process was asked to stop."""
+        return self.any_process(self.stop.poll(epoch, step))
+
+    def any_process(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any (one tiny all-reduce with > 1 process)."""
         if self.world == 1:
             return flag
         return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), "sum").item())
@@ -302,16 +306,22 @@ class Engine:
         """Every process saves its part (Accelerate's save_state) into a temporary folder; the main
         process seals it with hashes and renames it into place."""
         tmp = checkpoint.temporary(self.run_dir, progress)
-        if self.is_main:
-            checkpoint.folder(self.run_dir).mkdir(mode=0o700, exist_ok=True)  # weights, RNG: owner only
-            checkpoint.clear_temporaries(self.run_dir)
-            tmp.mkdir(mode=0o700)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp), safe_serialization=True)
-        self.accelerator.wait_for_everyone()
-        if self.is_main:
-            checkpoint.seal(tmp, progress)
-            checkpoint.publish(tmp, self.run_dir, progress, keep)
+        try:
+            with faults.writing(tmp):  # a full disk: one WriteFault, before the folder is removed
+                if self.is_main:
+                    checkpoint.folder(self.run_dir).mkdir(mode=0o700, exist_ok=True)  # owner only
+                    checkpoint.clear_temporaries(self.run_dir)
+                    tmp.mkdir(mode=0o700)
+                self.accelerator.wait_for_everyone()
+                self.accelerator.save_state(str(tmp), safe_serialization=True)
+                self.accelerator.wait_for_everyone()
+                if self.is_main:
+                    checkpoint.seal(tmp, progress)
+                    checkpoint.publish(tmp, self.run_dir, progress, keep)
+        except BaseException:
+            if self.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)  # never half a checkpoint left behind
+            raise
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:

@@ -9,6 +9,7 @@ themselves (`loss.backward(); optimizer.step()`) are in `Engine.fit` -> `Engine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -17,8 +18,11 @@ from typing import Any
 from mnist_dist import checkpoint, data, provenance
 from mnist_dist.config import TrainConfig
 from mnist_dist.engine import Engine, EpochResult
+from mnist_dist.errors import UserError
+from mnist_dist.faults import WriteFault
 from mnist_dist.model import MnistModel
 from mnist_dist.outputs import NullRunDir, RunDir, check_output_dir, format_entry, history_entry
+from mnist_dist.ownership import RunLock
 from mnist_dist.stopping import Preempted, ResumePoint, StopFlag
 from mnist_dist.tracking import job_run_id
 
@@ -50,17 +54,28 @@ def remaining(cfg: TrainConfig, progress: checkpoint.Progress) -> list[Stretch]:
 
 
 def run(
-    cfg: TrainConfig, resume: str = "auto", force: bool = False, stop: StopFlag | None = None
+    cfg: TrainConfig,
+    resume: str = "auto",
+    force: bool = False,
+    stop: StopFlag | None = None,
+    lock: RunLock | None = None,
 ) -> list[dict[str, Any]]:
     """Train as the config says, write the run directory (main process) and return the history.
 
     resume: `auto` continues from the newest sound checkpoint in the run directory, `never` starts
     over (deleting the old checkpoints), a path resumes from that checkpoint. A checkpoint of a
     different config is refused unless `force`. Raises Preempted after saving when `stop` is set.
+    `lock`: the run directory's lock when the caller took it already (one process); else the main
+    process takes it here and releases it at the end.
     """
     run_dir = cfg.run_dir()
     check_output_dir(run_dir)
     engine = Engine(cfg, run_dir, lambda: MnistModel(cfg.model.hidden_size), stop)
+    try:
+        taken = None if lock else own(engine, run_dir)  # before any write: one writer per run dir
+    except BaseException:
+        engine.close()
+        raise
     state = RunState(cfg, engine)
     try:
         todo = state.begin(resume, force)
@@ -88,6 +103,22 @@ def run(
     finally:
         state.tracker.close()
         engine.close()
+        if taken is not None:
+            taken.release()
+
+
+def own(engine: Engine, run_dir: Path) -> RunLock | None:
+    """The main process takes the run directory's lock (ownership.py); every process learns whether
+    it did, so that a refused run ends everywhere at once, with exit code 2."""
+    lock, refusal = None, None
+    if engine.is_main:
+        try:
+            lock = RunLock(run_dir, log=engine.print).acquire()
+        except UserError as e:
+            refusal = e
+    if engine.any_process(refusal is not None):
+        raise refusal or UserError(f"{run_dir} is being written by another run (the main process names it)")
+    return lock
 
 
 class RunState:
@@ -143,6 +174,11 @@ class RunState:
         info["git_commit"] = provenance.git_commit()
         info["tracking"] = self.tracker.start(progress.tracker_run_id or job_run_id())
         progress.tracker_run_id = info["tracking"].get("run_id")
+        # Each process (or SLURM job) that trained this run, in order: a checkpoint of N processes
+        # resumes on M, and run.json says who trained what.
+        segment = {k: info[k] for k in ("world_size", "hosts", "start_time")}
+        segment["from"] = {"epochs_done": progress.epochs_done, "step": progress.step}
+        progress.segments = info["segments"] = [*progress.segments, segment]
         threads = info["threads"]
         self.engine.print(
             f"{info['world_size']} process(es) on {info['device']}, precision {info['precision']}, "
@@ -203,6 +239,8 @@ class RunState:
             self.failed(err)
             raise
         self.failed(e)
+        if isinstance(e, WriteFault):
+            e.last_checkpoint = checkpoint.newest_sound(self.run_dir)
 
     def stopped(self, p: Preempted) -> None:
         """A requested stop: save where training stands, mid-epoch, and say so in run.json."""
@@ -219,9 +257,10 @@ class RunState:
     def failed(self, e: BaseException) -> None:
         """Ctrl-C (`interrupted`) or any other error (`failed`) in run.json, once the run directory
         has its config; a no-op after a stop that was saved (status `preempted`)."""
-        if self.info["status"] != "running":
+        if self.info["status"] != "running" or isinstance(e, UserError):  # bad input changes nothing
             return
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         self.info.update(status=status, end_time=provenance.now(), error=f"{type(e).__name__}: {e}")
         if (self.run_dir / "config.yaml").exists():
-            self.out.write_run_info(self.info)
+            with contextlib.suppress(WriteFault):  # the disk that failed may refuse this too
+                self.out.write_run_info(self.info)

@@ -126,9 +126,18 @@ def preflight(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path) -> None:
                 f"partition '{opts.partition}' does not exist; partitions here: "
                 f"{', '.join(p.rstrip('*') for p in known) or 'none'}"
             )
+    from mnist_dist import ownership
     from mnist_dist.outputs import check_output_dir
 
     check_output_dir(run_dir)
+    for path, what in ((run_dir, "output dir"), (run_dir / "submitit", "job dir")):
+        ownership.check_private(path, what)
+    held = ownership.holder(run_dir)
+    if held:
+        raise UserError(
+            f"{run_dir} is being written by another run: {ownership.describe(held)}; wait for it to end "
+            "or stop it, or pass another --output-dir"
+        )
     local = next((p for p in NODE_LOCAL if run_dir == Path(p) or Path(p) in run_dir.parents), None)
     if local and not opts.allow_local:
         raise UserError(
@@ -279,8 +288,10 @@ def submit(cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any
         return sbatch_script(ex)
     # On the submitting host, before the job exists: compute nodes may have no internet.
     datafiles.prepare(data_dir, cfg.data.source, log=log)
-    run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    folder.mkdir(exist_ok=True, mode=0o700)
+    from mnist_dist.ownership import private_dir
+
+    private_dir(run_dir, "output dir")  # 0700: the nodes run the pickles in its submitit folder
+    private_dir(folder, "job dir")
     try:
         job = ex.submit(TrainJob(job_cfg.model_dump(mode="json")))
     except Exception as e:  # sbatch refused: its message is the useful part

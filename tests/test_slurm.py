@@ -406,3 +406,18 @@ def test_requeues_are_bounded_and_the_reason_is_shown(
     assert info["state"] == "FAILED", info
     assert "not requeued: the job was already requeued 0 time(s) (max_requeues 0)" in info["error"]
     assert list((out / "checkpoints").glob("epoch-*-step-*")), "the state is saved for a manual resume"
+
+
+def test_submit_tightens_its_dirs_and_refuses_another_users(cluster: int, tmp_path: Path, slurm_env: dict):
+    from test_ownership import _foreign, _open_dir
+
+    out = _open_dir(tmp_path / "job")
+    _open_dir(out / "submitit")
+    args = ["submit", "-c", ROOT / "configs/smoke.yaml", "--partition", "cpu", "--allow-local", "--json"]
+    sub = json.loads(ok(run_cli(*args, "--output-dir", out, env=slurm_env)).stdout)
+    run_cli("cancel", sub["job_id"], env=slurm_env)
+    assert out.stat().st_mode & 0o777 == 0o700 and (out / "submitit").stat().st_mode & 0o777 == 0o700
+    theirs = _foreign(_open_dir(tmp_path / "theirs"))
+    proc = run_cli(*args, "--output-dir", theirs, env=slurm_env)
+    assert proc.returncode == 2 and "owned by uid 65534" in proc.stderr
+    assert list(theirs.iterdir()) == []
