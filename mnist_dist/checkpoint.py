@@ -134,6 +134,11 @@ def check_matches(progress: Progress, cfg: TrainConfig, path: Path) -> None:
     """UserError unless the checkpoint was written by a config that decides the same numbers."""
     if progress.fingerprint == cfg.fingerprint():
         return
+    try:  # a checkpoint written when the fingerprint covered more keys (checkpoint cadence, requeues)
+        if TrainConfig.model_validate(progress.config).fingerprint() == cfg.fingerprint():
+            return
+    except ValueError:
+        pass
     old, new = progress.config, cfg.model_dump(mode="json")
     keys = ["seed", "phases", "batch_size", "val_batch_size", "grad_accum", "precision", "model", "data"]
     changed = [k for k in keys if old.get(k) != new.get(k)] or ["(settings)"]

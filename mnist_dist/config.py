@@ -149,9 +149,8 @@ class TrainConfig(_Strict):
 
     def fingerprint(self) -> str:
         """Hash of what decides the numbers (not where they are written), for checkpoints."""
-        decisive = self.model_dump(
-            mode="json", exclude={"name", "output_dir", "tracker", "progress", "threads", "wandb"}
-        )
+        where_and_how_often = {"name", "output_dir", "tracker", "progress", "threads", "wandb", "checkpoint"}
+        decisive = self.model_dump(mode="json", exclude={*where_and_how_often, "max_requeues"})
         decisive["data"].pop("dir")
         decisive["data"].pop("source")
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]

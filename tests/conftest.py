@@ -102,3 +102,15 @@ def seed_run(tmp_path_factory: pytest.TempPathFactory, data_env: dict[str, str])
         )
     )
     return out
+
+
+SHORT_PHASES = "2x0.5,1x0.1"  # three epochs: enough to stop in one and resume in another
+
+
+@pytest.fixture(scope="session")
+def short_run(tmp_path_factory: pytest.TempPathFactory, data_env: dict[str, str]) -> Path:
+    """The seed config cut to SHORT_PHASES, uninterrupted, in one process: the reference of resumes."""
+    out = tmp_path_factory.mktemp("short") / "uninterrupted"
+    args = ["-c", ROOT / "configs/seed.yaml", "--tracker", "none", "--phases", SHORT_PHASES]
+    ok(run_cli("train", *args, "--output-dir", out, env=data_env))
+    return out

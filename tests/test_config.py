@@ -60,6 +60,9 @@ def test_fingerprint_ignores_where_but_not_what():
     base = TrainConfig()
     assert base.fingerprint() == TrainConfig(output_dir="/elsewhere", tracker="none").fingerprint()
     assert base.fingerprint() != TrainConfig(seed=1).fingerprint()
+    # How often to save and how often to requeue do not change a number: a job stopped with
+    # max_requeues 0 resumes under the default (test_slurm's 2-node -> 1-node resume).
+    assert base.fingerprint() == TrainConfig(max_requeues=0, checkpoint={"keep": 5}).fingerprint()
 
 
 BAD_CLI = [

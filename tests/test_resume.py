@@ -5,7 +5,6 @@ run with the same seed ends: same history (all but wall-clock seconds), bit-iden
 from __future__ import annotations
 
 import hashlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, env_with, load_json, ok, run_cli, run_history
+from conftest import ROOT, SHORT_PHASES, accelerate_launch, env_with, load_json, ok, run_cli, run_history
+
+from test_train import TWO_GLOO, assert_same_history  # isort: skip
 
 SEED = ["--config", str(ROOT / "configs/seed.yaml"), "--tracker", "none"]
 
@@ -83,16 +84,41 @@ def test_kill_9_mid_epoch_then_resume_is_exact(seed_run: Path, tmp_path: Path, d
     assert_identical(out, seed_run)
 
 
-def test_kill_mid_save_leaves_nothing_resume_would_take(seed_run: Path, tmp_path: Path, data_env: dict):
-    out = tmp_path / "midsave"
-    _kill_when(data_env, out, 5)
-    newest = sorted((out / "checkpoints").glob("epoch-*"))[-1]
-    # What a kill during the next save leaves: a temporary folder with part of the files, no seal.
-    half = out / "checkpoints" / ".tmp-epoch-0099"
-    half.mkdir()
-    shutil.copy(newest / "model.safetensors", half / "model.safetensors")
+# A writer slowed down at the moment every process has written its part of the epoch-5 checkpoint and
+# the main process is about to seal it: the kill lands in the middle of a real save.
+SLOW_SAVE = """
+import pathlib, sys, time
+from mnist_dist import checkpoint
+seal = checkpoint.seal
+def slow(tmp, progress):
+    if progress.epochs_done == 5:
+        pathlib.Path(sys.argv[1]).write_text(str(tmp))
+        time.sleep(600)
+    seal(tmp, progress)
+checkpoint.seal = slow
+from mnist_dist.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill_9_during_a_real_save_leaves_nothing_resume_would_take(
+    seed_run: Path, tmp_path: Path, data_env: dict
+):
+    out, saving = tmp_path / "midsave", tmp_path / "saving"
+    cmd = [sys.executable, "-c", SLOW_SAVE, str(saving), "train", *SEED, "--output-dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=data_env, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not saving.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the save was never reached"
+        time.sleep(0.02)
+    half = Path(saving.read_text())
+    assert half.name == ".tmp-epoch-0005" and (half / "model.safetensors").is_file()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (half / "progress.json").exists(), "killed before the seal"
+    newest = out / "checkpoints" / "epoch-0004"
     proc = ok(run_cli("train", *SEED, "--output-dir", out, env=data_env))
-    assert f"resuming from {newest}" in proc.stdout
+    assert f"resuming from {newest} at the end of epoch 4" in proc.stdout, proc.stdout
     assert not half.exists(), "temporary folders are cleared"
     assert_identical(out, seed_run)
 
@@ -246,3 +272,39 @@ def test_a_loaded_checkpoint_keeps_this_devices_optimizer_kernels(tmp_path: Path
         assert engine.optimizer.param_groups[0]["foreach"] is False
     finally:
         engine.close()
+
+
+SHORT = [*SEED, "--phases", SHORT_PHASES]
+
+
+def _train_on(processes: int, out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
+    if processes == 1:
+        return run_cli("train", *SHORT, "--output-dir", out, *extra, env=env)
+    return accelerate_launch(*TWO_GLOO, *SHORT, "--output-dir", out, *extra, env=env)
+
+
+@pytest.mark.parametrize(("first", "then"), [(1, 2), (2, 1)], ids=["1-then-2", "2-then-1"])
+def test_a_checkpoint_of_n_processes_resumes_on_m(
+    short_run: Path, tmp_path: Path, data_env: dict, first: int, then: int
+):
+    """Resuming across topologies is a feature: the global batch, the data order and the loss scale do
+    not depend on the number of processes, so neither does the checkpoint (README: Resume)."""
+    out = tmp_path / "run"
+    stop = _train_on(first, out, data_env, "--simulate-preemption-at", "2:100")
+    lines = stop.stderr.strip().splitlines()
+    if first == 1:
+        assert stop.returncode == 75 and len(lines) == 1
+    else:  # the launcher turns every non-zero exit into 1, with its own banner after our one line
+        assert stop.returncode == 1
+        ours = [line for line in lines if line.startswith("error: ")]
+        assert ours == [
+            "error: stopped in epoch 2 before step 100: checkpoint saved; run the same command again to "
+            "resume (the launcher reports it as exit 1, ChildFailedError)"
+        ], stop.stderr[-3000:]
+        assert "ChildFailedError" in stop.stderr  # the launcher's banner, documented in the README
+    resumed = ok(_train_on(then, out, data_env))
+    assert "at epoch 2, step 100" in resumed.stdout
+    assert_same_history(load_json(out / "history.json"), load_json(short_run / "history.json"))
+    segments = load_json(out / "run.json")["segments"]
+    assert [s["world_size"] for s in segments] == [first, then]
+    assert segments[1]["from"] == {"epochs_done": 1, "step": 100}

@@ -17,7 +17,7 @@ import pytest
 
 from mnist_dist import wandb_file
 
-from conftest import ROOT, load_json, ok, run_cli
+from conftest import ROOT, SHORT_PHASES, load_json, ok, run_cli
 
 GOLDEN = ROOT / "tests/assets/submit_dry_run.sbatch"
 
@@ -395,17 +395,26 @@ def test_sigterm_then_requeue_with_two_tasks(
         assert abs(a["val_loss"] - b["val_loss"]) <= 1e-4 and abs(a["val_acc"] - b["val_acc"]) <= 1e-4
 
 
-def test_requeues_are_bounded_and_the_reason_is_shown(
-    cluster: int, slurm_env: dict[str, str], tmp_path: Path
+def test_requeues_are_bounded_and_a_2_node_checkpoint_resumes_as_a_1_node_job(
+    cluster: int, slurm_env: dict[str, str], short_run: Path, tmp_path: Path
 ):
     out = tmp_path / "bounded"
-    job = submit(slurm_env, out, "--tracker", "none", "--set", "max_requeues=0")
-    _after_epochs(out, 2)
+    args = ("--tracker", "none", "--partition", "cpu", "--phases", SHORT_PHASES)
+    job = submit(slurm_env, out, *args, "--nodes", "2", "--set", "max_requeues=0")
+    _after_epochs(out, 1)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     info = wait(slurm_env, job)
     assert info["state"] == "FAILED", info
     assert "not requeued: the job was already requeued 0 time(s) (max_requeues 0)" in info["error"]
     assert list((out / "checkpoints").glob("epoch-*-step-*")), "the state is saved for a manual resume"
+    # The manual resume the message asks for, on another topology: `submit` into the same output dir.
+    again = submit(slurm_env, out, *args, "--nodes", "1")
+    assert wait(slurm_env, again)["state"] == "COMPLETED"
+    run = load_json(out / "run.json")
+    assert [s["world_size"] for s in run["segments"]] == [2, 1] and run["world_size"] == 1
+    assert len(run["segments"][0]["hosts"]) == 2 and "step-" in run["resumed_from"]
+    for a, b in zip(load_json(out / "history.json"), load_json(short_run / "history.json"), strict=True):
+        assert abs(a["val_loss"] - b["val_loss"]) <= 1e-4 and abs(a["val_acc"] - b["val_acc"]) <= 1e-4
 
 
 def test_submit_tightens_its_dirs_and_refuses_another_users(cluster: int, tmp_path: Path, slurm_env: dict):
