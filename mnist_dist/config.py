@@ -79,6 +79,15 @@ class CheckpointConfig(_Strict):
     """With several processes, agree on a stop request every N steps (one tiny all-reduce)."""
 
 
+class SweepMember(_Strict):
+    """Set on a sweep's members only (sweeps.py): the sweep, the member's id, the swept values. The
+    trackers group runs by `name` and show `params`; it never changes a number."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    member: str = Field(pattern=r"^[0-9a-f]{6,64}$")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 def _seed_phases() -> list[Phase]:
     return [Phase(epochs=5, lr=0.5), Phase(epochs=5, lr=0.1)]
 
@@ -112,6 +121,8 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     max_requeues: int = Field(default=3, ge=0, le=1000)
     """On SLURM: times a preempted or timed-out job requeues itself before giving up."""
+    sweep: SweepMember | None = None
+    """Which sweep this run is a member of (set by `mnist-dist sweep`); None for a single run."""
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -150,7 +161,7 @@ class TrainConfig(_Strict):
     def fingerprint(self) -> str:
         """Hash of what decides the numbers (not where they are written), for checkpoints."""
         where_and_how_often = {"name", "output_dir", "tracker", "progress", "threads", "wandb", "checkpoint"}
-        decisive = self.model_dump(mode="json", exclude={*where_and_how_often, "max_requeues"})
+        decisive = self.model_dump(mode="json", exclude={*where_and_how_often, "max_requeues", "sweep"})
         decisive["data"].pop("dir")
         decisive["data"].pop("source")
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
@@ -292,14 +303,22 @@ def apply_set(raw: dict[str, Any], assignment: str) -> None:
         value = parse_yaml(text)
     except yaml.YAMLError:
         value = text
+    set_key(raw, key.strip(), value, f"--set '{assignment}'")
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, origin: str) -> None:
+    """raw[a][b] = value for the dotted key 'a.b' (a number indexes a list); UserError naming
+    `origin` when the path does not fit the config's shape. The schema checks the value later."""
+    if key.startswith("phases.") and "phases" not in raw:  # one value of the default phases changed
+        raw["phases"] = [p.model_dump() for p in _seed_phases()]
     node: Any = raw
-    *parents, leaf = key.strip().split(".")
+    *parents, leaf = key.split(".")
     for part in [*parents, leaf]:
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise UserError(f"--set '{assignment}': '{part}' is not an index of a {len(node)}-item list")
+                raise UserError(f"{origin}: '{part}' is not an index of a {len(node)}-item list")
         elif not isinstance(node, dict):
-            raise UserError(f"--set '{assignment}': '{part}' is not inside a section")
+            raise UserError(f"{origin}: '{part}' is not inside a section")
         if part is leaf:
             break
         node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
@@ -313,10 +332,14 @@ def load_config(
     path: Path | None = None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
 ) -> TrainConfig:
     """YAML file (or the embedded defaults) + dotted overrides (None = not given) + --set KEY=VALUE."""
+    return build_config(raw_config(path, overrides, sets), str(path) if path is not None else "config")
+
+
+def raw_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> dict[str, Any]:
+    """What load_config validates: the plain data, for callers that set more keys first (sweeps)."""
     raw = read_yaml(path) if path is not None else {}
-    if any(a.strip().startswith("phases.") for a in sets or []) and "phases" not in raw:
-        raw["phases"] = [p.model_dump() for p in _seed_phases()]
-    origin = str(path) if path is not None else "config"
     for key, value in (overrides or {}).items():
         if value is None:
             continue
@@ -327,4 +350,4 @@ def load_config(
         node[leaf] = value
     for assignment in sets or []:
         apply_set(raw, assignment)
-    return build_config(raw, origin)
+    return raw

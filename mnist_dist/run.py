@@ -24,7 +24,7 @@ from mnist_dist.model import MnistModel
 from mnist_dist.outputs import NullRunDir, RunDir, check_output_dir, format_entry, history_entry
 from mnist_dist.ownership import RunLock
 from mnist_dist.stopping import Preempted, ResumePoint, StopFlag
-from mnist_dist.tracking import job_run_id
+from mnist_dist.tracking import run_id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +172,7 @@ class RunState:
         info, progress = self.info, self.progress
         info.update(self.engine.facts(train), versions=provenance.versions())
         info["git_commit"] = provenance.git_commit()
-        info["tracking"] = self.tracker.start(progress.tracker_run_id or job_run_id())
+        info["tracking"] = self.tracker.start(progress.tracker_run_id or run_id(self.cfg))
         progress.tracker_run_id = info["tracking"].get("run_id")
         # Each process (or SLURM job) that trained this run, in order: a checkpoint of N processes
         # resumes on M, and run.json says who trained what.

@@ -204,8 +204,6 @@ class TrainJob:
         self.config = config  # plain data: the pickle submitit writes holds no framework objects
 
     def __call__(self) -> dict[str, Any]:
-        import signal
-
         import submitit
 
         from mnist_dist.run import run
@@ -227,27 +225,7 @@ class TrainJob:
         try:
             history = run(cfg, resume="auto", stop=stop)
         except Preempted as e:
-            print(f"preempted: {e}; checkpoint saved", flush=True)
-            if job.global_rank != 0:
-                sys.exit(-1)  # rank 0 requeues the whole job
-            from mnist_dist.jobs import slurm_state
-
-            state = slurm_state(job.job_id)
-            if state not in (None, "RUNNING"):  # scancel sends SIGTERM too: a cancel is not a preemption
-                print(f"job is {state}: not requeued", flush=True)
-                sys.exit(-1)
-            if restarts >= cfg.max_requeues:
-                raise RuntimeError(
-                    f"not requeued: the job was already requeued {restarts} time(s) (max_requeues "
-                    f"{cfg.max_requeues}); its checkpoint is in {cfg.run_dir()}/checkpoints, resume with "
-                    "`mnist-dist submit` into the same --output-dir"
-                ) from None
-            if callable(requeue):
-                try:
-                    requeue(signal.SIGUSR2, None)  # checkpoint() -> scontrol requeue -> exit
-                except subprocess.CalledProcessError as err:  # Slurm is requeueing it already
-                    print(f"requeue by submitit failed ({err}); exiting for Slurm's own requeue", flush=True)
-            sys.exit(-1)
+            requeue_or_exit(e, job, cfg.max_requeues, requeue, f"{cfg.run_dir()}/checkpoints", "submit")
         return {"entries": len(history), "final_val_acc": history[-1]["val_acc"], "job_id": job.job_id}
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
@@ -255,6 +233,38 @@ class TrainJob:
         import submitit
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.config))
+
+
+def requeue_or_exit(
+    e: Exception, job: Any, max_requeues: int, requeue: Any, saved: str, resubmit: str
+) -> None:
+    """After a requested stop saved its checkpoint (every task): rank 0 has submitit requeue the job
+    (or, for an array task, that task alone), unless Slurm is cancelling it or the requeues are spent.
+    Never returns."""
+    import signal
+
+    from mnist_dist.jobs import slurm_state
+
+    print(f"preempted: {e}; checkpoint saved", flush=True)
+    if job.global_rank != 0:
+        sys.exit(-1)  # rank 0 requeues the whole job
+    state = slurm_state(job.job_id)
+    if state not in (None, "RUNNING"):  # scancel sends SIGTERM too: a cancel is not a preemption
+        print(f"job is {state}: not requeued", flush=True)
+        sys.exit(-1)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeues:
+        raise RuntimeError(
+            f"not requeued: the job was already requeued {restarts} time(s) (max_requeues "
+            f"{max_requeues}); its checkpoint is in {saved}, resume with `mnist-dist {resubmit}` into "
+            "the same --output-dir"
+        ) from None
+    if callable(requeue):
+        try:
+            requeue(signal.SIGUSR2, None)  # checkpoint() -> scontrol requeue -> exit
+        except subprocess.CalledProcessError as err:  # Slurm is requeueing it already
+            print(f"requeue by submitit failed ({err}); exiting for Slurm's own requeue", flush=True)
+    sys.exit(-1)
 
 
 def job_config(cfg: TrainConfig, run_dir: Path, data_root: Path) -> TrainConfig:
@@ -288,10 +298,7 @@ def submit(cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any
         return sbatch_script(ex)
     # On the submitting host, before the job exists: compute nodes may have no internet.
     datafiles.prepare(data_dir, cfg.data.source, log=log)
-    from mnist_dist.ownership import private_dir
-
-    private_dir(run_dir, "output dir")  # 0700: the nodes run the pickles in its submitit folder
-    private_dir(folder, "job dir")
+    private_dirs(run_dir)
     try:
         job = ex.submit(TrainJob(job_cfg.model_dump(mode="json")))
     except Exception as e:  # sbatch refused: its message is the useful part
@@ -303,6 +310,14 @@ def submit(cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any
 
     remember(sub)
     return sub
+
+
+def private_dirs(run_dir: Path) -> None:
+    """The output dir and its submitit job dir, 0700: the nodes execute the pickles there."""
+    from mnist_dist.ownership import private_dir
+
+    private_dir(run_dir, "output dir")
+    private_dir(run_dir / "submitit", "job dir")
 
 
 def submission_json(sub: Submission) -> str:

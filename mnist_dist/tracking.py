@@ -21,6 +21,7 @@ import contextlib
 import functools
 import netrc
 import os
+import re
 import socket
 import threading
 import time
@@ -180,10 +181,20 @@ def init_kwargs(cfg: TrainConfig, run_dir: Path, mode: str, run_id: str | None =
             # Our own lines are the log; W&B capturing the console would only copy them.
             "settings": {"console": "off", "init_timeout": 60},
         }
+        if cfg.sweep is not None:  # one W&B group per sweep, one run per member
+            kwargs.update(group=cfg.sweep.name, job_type="sweep", name=cfg.name)
         if run_id:
             kwargs.update(id=run_id, resume="allow")
         return {"wandb": kwargs}
     return {}
+
+
+def run_id(cfg: TrainConfig) -> str | None:
+    """The W&B run id a run gets again after every resume and requeue: a sweep member's from its
+    sweep and member id (many members share one array task), else the Slurm job's, else W&B's own."""
+    if cfg.sweep is not None:
+        return re.sub(r"[^A-Za-z0-9_-]", "-", f"{cfg.sweep.name}-{cfg.sweep.member}")
+    return job_run_id()
 
 
 def job_run_id() -> str | None:
@@ -232,6 +243,7 @@ class Tracker:
                     init_kwargs=init_kwargs(cfg, self.run_dir, attempt, run_id),
                 )
                 info = {**self._info(attempt), **decision}
+                self._define_metrics()
                 self.logged_through = self._last_logged_epoch(info.get("run_id"))
                 return info
             except Exception as e:
@@ -240,6 +252,17 @@ class Tracker:
         self.accelerator.trackers = []
         self.accelerator.log_with = []
         return {"tracker": "none", "tracker_failed": cfg.tracker}
+
+    def _define_metrics(self) -> None:
+        """W&B: epoch is the x-axis, and the summary holds the best val_acc and val_loss, so the runs
+        table (and a sweep's group) sorts by them rather than by the last value."""
+        if self.cfg.tracker != "wandb":
+            return
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run.define_metric("epoch")
+        best = {"val_acc": "max,last", "val_loss": "min,last"}
+        for name in ("val_loss", "val_acc", "train_loss", "lr", "phase", "seconds"):
+            run.define_metric(name, step_metric="epoch", **({"summary": best[name]} if name in best else {}))
 
     def _say_offline(self, reach: Reach) -> None:
         """One line, once per process, when the check sent the run offline: why, and what to do."""

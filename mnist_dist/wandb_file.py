@@ -55,7 +55,16 @@ def read_wandb_run(path: Path) -> dict[str, Any]:
     """{"id", "config", "history": [rows]} from a .wandb file, read with W&B's own protobuf types."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run: dict[str, Any] = {"id": None, "name": None, "config": {}, "history": []}
+    run: dict[str, Any] = {
+        "id": None,
+        "name": None,
+        "group": None,
+        "job_type": None,
+        "config": {},
+        "history": [],
+        "metrics": {},  # define_metric: name -> {"step_metric", "summary": [max, min, last...]}
+        "summary": {},
+    }
     for blob in _records(path):
         rec = pb.Record()
         rec.ParseFromString(blob)
@@ -63,9 +72,16 @@ def read_wandb_run(path: Path) -> dict[str, Any]:
         if kind == "run":
             run["id"] = rec.run.run_id
             run["name"] = rec.run.display_name
+            run["group"], run["job_type"] = rec.run.run_group or None, rec.run.job_type or None
             run["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
         elif kind == "config":
             run["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "metric":
+            summary = [f.name for f, on in rec.metric.summary.ListFields() if on]
+            run["metrics"][rec.metric.name] = {"step_metric": rec.metric.step_metric, "summary": summary}
+        elif kind == "summary":
+            for i in rec.summary.update:
+                run["summary"][i.key or "/".join(i.nested_key)] = json.loads(i.value_json)
         elif kind == "history":
             row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
             run["history"].append(row)

@@ -1,0 +1,211 @@
+"""A sweep on SLURM: one job array through submitit (`executor.batch()`, `array_parallelism`), each array
+task training a pack of members one after another, so 64 two-second members are not 64 jobs.
+
+A preempted or timed-out task saves the member it was training and is requeued alone (USR2, as
+`submit` does); its finished members are skipped and the interrupted one resumes from its checkpoint.
+A member that fails is recorded as failed and the task goes on. `sweep status` reads the members'
+run dirs and Slurm's view of each task (squeue, then scontrol): no accounting needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from mnist_dist import slurm
+from mnist_dist.config import TrainConfig
+from mnist_dist.errors import UserError
+from mnist_dist.sweeps import MANIFEST, Member, Spec, member_state, read_manifest, write_manifest
+
+STATES = ("pending", "running", "done", "failed", "stopped")
+TASK_MINUTE_S = 60.0  # the default pack trains about this long: Slurm's scheduling cost stays small
+
+
+class SweepTask:
+    """The callable every array task runs: its pack of members in turn (sweep_run.run_members)."""
+
+    def __init__(self, configs: list[dict[str, Any]]) -> None:
+        self.configs = configs  # plain data: the pickle submitit writes holds no framework objects
+
+    def __call__(self) -> dict[str, int]:
+        import submitit
+
+        from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
+        from mnist_dist.sweep_run import run_members
+
+        job = submitit.JobEnvironment()
+        cfgs = [TrainConfig.model_validate(c) for c in self.configs]
+        members = [Member(c.sweep.member, c.sweep.params, c) for c in cfgs if c.sweep is not None]
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(
+            f"array task {job.job_id} on {job.hostname}: {len(members)} member(s), restart {restarts}",
+            flush=True,
+        )
+        stop = StopFlag(cfgs[0].checkpoint.stop_check_steps)
+        requeue = stop_on_signals(stop)  # submitit's checkpoint-and-requeue handler
+        try:
+            return run_members(members, stop)
+        except Preempted as e:
+            saved = f"{members[0].run_dir.parent}/<member>/checkpoints"
+            slurm.requeue_or_exit(e, job, cfgs[0].max_requeues, requeue, saved, "sweep submit")
+            raise  # not reached
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        """What submitit requeues: the same pack; the members' state is in their checkpoints."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SweepTask(self.configs))
+
+
+def default_pack(cfg: TrainConfig) -> int:
+    """Members per task so that a task trains about a minute: a member of the seed config takes a
+    few seconds on a CPU (about half a second an epoch, plus start-up)."""
+    return max(1, math.ceil(TASK_MINUTE_S / (2.0 + 0.5 * cfg.total_epochs)))
+
+
+def submit(
+    spec: Spec,
+    root: Path,
+    members: list[Member],
+    opts: slurm.SlurmOptions,
+    per_task: int | None,
+    parallelism: int,
+    dry_run: bool = False,
+    log: Any = print,
+) -> Any:
+    """Preflight, stage the data, submit the packs of unfinished members as one array."""
+    from mnist_dist import datafiles
+
+    if per_task is not None and not 1 <= per_task <= 100_000:
+        raise UserError(f"--members-per-task {per_task}: from 1 to 100000")
+    if not 1 <= parallelism <= 100_000:
+        raise UserError(f"--array-parallelism {parallelism}: from 1 to 100000")
+    root = root.absolute()
+    slurm.preflight(opts, members[0].cfg, root)
+    todo = [m for m in members if member_state(m.run_dir) not in ("done", "failed", "running")]
+    per = per_task or default_pack(members[0].cfg)
+    packs = [todo[i : i + per] for i in range(0, len(todo), per)]
+    ex = slurm.executor(opts, root / "submitit")
+    ex.update_parameters(array_parallelism=parallelism)
+    if dry_run:
+        lines = [f"# array of {len(packs)} task(s) (%{parallelism} at once), {per} member(s) per task:"]
+        lines += [f"#   task {i}: " + " ".join(m.id for m in pack) for i, pack in enumerate(packs)]
+        return slurm.sbatch_script(ex).rstrip() + "\n" + "\n".join(lines)
+    if not packs:
+        raise UserError(
+            f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"
+        )
+    for data_dir in sorted({m.cfg.data_dir().expanduser().absolute() for m in members}):
+        datafiles.prepare(data_dir, members[0].cfg.data.source, log=log)  # compute nodes never download
+    write_manifest(root, spec, members)
+    slurm.private_dirs(root)
+    configs = [[_job_config(m) for m in pack] for pack in packs]
+    try:
+        with ex.batch():
+            jobs = [ex.submit(SweepTask(c)) for c in configs]
+    except Exception as e:  # sbatch refused: its message is the useful part
+        raise UserError(f"sbatch refused the array: {str(e).strip().splitlines()[-1]}") from None
+    array_id = str(jobs[0].job_id).split("_")[0]
+    record = {"job_id": array_id, "tasks": [[m.id for m in p] for p in packs], "submitted_at": _now()}
+    manifest = read_manifest(root)
+    write_manifest(root, spec, members, jobs=[*manifest.get("jobs", []), record])
+    from mnist_dist.jobs import remember
+
+    remember(slurm.Submission(array_id, str(root), str(root / "submitit"), opts.partition, 1, 1, spec.name))
+    return {"job_id": array_id, "tasks": len(packs)}
+
+
+def _job_config(member: Member) -> dict[str, Any]:
+    data_root = member.cfg.data_dir().expanduser().absolute()
+    return slurm.job_config(member.cfg, member.run_dir.absolute(), data_root).model_dump(mode="json")
+
+
+def _now() -> str:
+    from mnist_dist.provenance import now
+
+    return now()
+
+
+def find(target: str) -> tuple[Path, dict[str, Any]]:
+    """(sweep dir, manifest) of a sweep dir or of the job id of one of its arrays."""
+    path = Path(target)
+    if path.is_dir():
+        return path, read_manifest(path)
+    from mnist_dist.jobs import lookup
+
+    record = lookup(target)
+    root = Path(record.get("run_dir") or "")
+    if not (root / MANIFEST).is_file():
+        raise UserError(f"job {target} is not a sweep's array; use `mnist-dist status {target}`")
+    return root, read_manifest(root)
+
+
+def _task_states(array_id: str) -> dict[int, str]:
+    """Slurm's state of each task of an array, by task index (squeue, then scontrol)."""
+    states: dict[int, str] = {}
+    for cmd in (
+        ["scontrol", "-o", "show", "job", array_id],
+        ["squeue", "-h", "-r", "-j", array_id, "-o", "ArrayTaskId=%K JobState=%T"],
+    ):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        for line in out.splitlines():
+            m = re.search(r"ArrayTaskId=(\d+)\b.*?JobState=(\w+)", line)
+            if m:
+                states[int(m.group(1))] = m.group(2)
+    return states
+
+
+def status(target: str) -> dict[str, Any]:
+    root, manifest = find(target)
+    states = {m["id"]: member_state(root / "members" / m["id"]) for m in manifest["members"]}
+    info: dict[str, Any] = {
+        "name": manifest["name"],
+        "sweep_dir": str(root),
+        "members": len(states),
+        "counts": {s: n for s, n in Counter(states.values()).items()},
+    }
+    info["counts"] = {s: info["counts"].get(s, 0) for s in STATES}
+    jobs = manifest.get("jobs", [])
+    if jobs:
+        job = jobs[-1]
+        slurm_states = _task_states(job["job_id"])
+        info["job_id"] = job["job_id"]
+        info["tasks"] = []
+        for index, ids in enumerate(job["tasks"]):
+            counts = Counter(states.get(i, "pending") for i in ids)
+            done = all(states.get(i) in ("done", "failed") for i in ids)
+            info["tasks"].append(
+                {
+                    "task": index,
+                    "state": slurm_states.get(index, "COMPLETED" if done else "UNKNOWN"),
+                    "members": ids,
+                    "counts": {s: counts[s] for s in STATES if counts[s]},
+                }
+            )
+    return info
+
+
+def cancel(target: str) -> dict[str, Any]:
+    root, manifest = find(target)
+    jobs = manifest.get("jobs", [])
+    if not jobs:
+        raise UserError(f"sweep {manifest['name']} in {root} was never submitted; nothing to cancel")
+    array_id = jobs[-1]["job_id"]
+    proc = subprocess.run(["scancel", array_id], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0:
+        raise UserError(f"scancel {array_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    deadline = time.monotonic() + 60  # the tasks get KillWait to exit
+    while time.monotonic() < deadline and any(
+        s in ("RUNNING", "PENDING", "COMPLETING", "REQUEUED") for s in _task_states(array_id).values()
+    ):
+        time.sleep(0.5)
+    return status(str(root))
