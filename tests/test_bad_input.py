@@ -90,7 +90,7 @@ ROWS = [
         "'data.split_seed' = 4294967296",
     ),
     Row("train-epochs-1e9", "train --phases 1000000000x0.1", "'phases[0].epochs' = 1000000000"),
-    Row("train-lr-1e9", "train --phases 1x1e9", "'phases[0].lr' = 1000000000.0"),
+    Row("train-lr-inf", "train --phases 1xinf", "'phases[0].lr' = inf: must be a finite number > 0"),
     Row("train-hidden-1e9", "train --set model.hidden_size=1000000000", "'model.hidden_size' = 1000000000"),
     Row("train-val-batch-1e9", "train --val-batch-size 1000000000", "'val_batch_size' = 1000000000"),
     Row("train-keep-0", "train --set checkpoint.keep=0", "'checkpoint.keep' = 0"),

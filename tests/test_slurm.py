@@ -17,47 +17,9 @@ import pytest
 
 from mnist_dist import wandb_file
 
-from conftest import ROOT, SHORT_PHASES, load_json, ok, run_cli
+from conftest import ROOT, SECRETS, SHORT_PHASES, load_json, ok, run_cli
 
 GOLDEN = ROOT / "tests/assets/submit_dry_run.sbatch"
-
-
-def _cluster_nodes() -> int:
-    proc = subprocess.run(["bash", str(ROOT / "slurm/cluster.sh"), "check"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        reason = (proc.stderr or proc.stdout).strip()
-        if os.environ.get("CI"):
-            pytest.fail(f"the local Slurm cluster is not up in CI: {reason}")
-        pytest.skip(f"no local Slurm cluster ({reason}); start one: sudo bash slurm/cluster.sh start")
-    return int(re.search(r"ok: (\d+) node", proc.stdout).group(1))
-
-
-@pytest.fixture(scope="module")
-def cluster() -> int:
-    return _cluster_nodes()
-
-
-@pytest.fixture(scope="module")
-def slurm_env(tmp_path_factory: pytest.TempPathFactory, data_env: dict[str, str]) -> dict[str, str]:
-    state = tmp_path_factory.mktemp("state")
-    # eth0: the test hosts' interface; without it gloo binds the loopback and ranks on two hosts never meet.
-    # Secrets in the submitting environment (sbatch exports it to the job) must reach no file of ours;
-    # WANDB_MODE=offline, as the key would otherwise send W&B online (no network here).
-    return {
-        **data_env,
-        "MNIST_DIST_STATE_DIR": str(state),
-        "GLOO_SOCKET_IFNAME": "eth0",
-        "PATH": f"{Path(sys.executable).parent}:{data_env['PATH']}",
-        **SECRETS,
-        "WANDB_MODE": "offline",
-    }
-
-
-SECRETS = {
-    "WANDB_API_KEY": "wandbkey-slurm-0123456789abcdef0123456789abcdef0123",
-    "DB_ACCESS_TOKEN": "tok-slurm-5e4d3c2b1a",
-    "S3_SECRET": "s3-secret-31337",
-}
 
 
 def submit(env: dict[str, str], out: Path, *args: str) -> str:

@@ -1,0 +1,258 @@
+"""Sweeps: the spec, members as ordinary run dirs, `sweep run` on this machine (each member equal to its
+solo `mnist-dist train`; a rerun trains nothing; a killed sweep finishes on the next run), results and
+plots, and `sweep submit` as one job array on the local Slurm cluster with a preempted task requeued."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mnist_dist import sweeps, wandb_file
+
+from conftest import ROOT, SHORT_PHASES, load_json, ok, run_cli, run_history
+
+PHASES = ["--phases", "1x0.5,1x0.1"]  # two epochs: a member is seconds
+SPEC = """
+name: tiny
+method: grid
+program: train.py          # W&B's keys: noted, not used
+metric: {name: val_acc, goal: maximize}
+parameters:
+  phases.0.lr: {values: [0.1, 0.5]}
+  seed: {values: [0, 1]}
+  batch_size: {value: 128}
+"""
+
+
+def _spec(tmp_path: Path, text: str = SPEC) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_grid_members_are_full_validated_configs_with_stable_ids(tmp_path: Path):
+    spec = sweeps.read_spec(_spec(tmp_path))
+    assert spec.swept == ["phases.0.lr", "seed"]
+    assert spec.notes == ["'program' is W&B's; noted and not used here"]
+    found = sweeps.members(spec, tmp_path / "sw", {}, None)
+    assert [(m.cfg.phases[0].lr, m.cfg.seed) for m in found] == [(0.1, 0), (0.1, 1), (0.5, 0), (0.5, 1)]
+    assert all(m.cfg.phases[1].lr == 0.1 and m.cfg.batch_size == 128 for m in found)
+    assert len({m.id for m in found}) == 4
+    assert all(m.run_dir == tmp_path / "sw" / "members" / m.id for m in found)
+    assert found[2].cfg.sweep.params == {"phases.0.lr": 0.5, "seed": 0}
+    again = sweeps.members(sweeps.read_spec(_spec(tmp_path)), tmp_path / "elsewhere", {}, None)
+    assert [m.id for m in again] == [m.id for m in found], "the id is the config's, not the dir's"
+    other = sweeps.members(spec, tmp_path / "sw", {"batch_size": None}, ["data.split_seed=1"])
+    assert not {m.id for m in other} & {m.id for m in found}, "another base config: other members"
+
+
+def test_random_draws_are_seeded_by_the_sweep_and_within_bounds(tmp_path: Path):
+    text = """
+name: rnd
+method: random
+run_cap: 6
+parameters:
+  phases.0.lr: {distribution: log_uniform_values, min: 0.01, max: 1.0}
+  batch_size: {values: [64, 128]}
+  seed: {distribution: int_uniform, min: 0, max: 9}
+"""
+    spec = sweeps.read_spec(_spec(tmp_path, text))
+    first, second = sweeps.combinations(spec), sweeps.combinations(spec)
+    assert first == second and len(first) == 6
+    assert all(0.01 <= c["phases.0.lr"] <= 1.0 and 0 <= c["seed"] <= 9 for c in first)
+    assert {c["batch_size"] for c in first} <= {64, 128}
+    assert len({c["phases.0.lr"] for c in first}) == 6
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- a\n- b\n", "expected a mapping of keys at the top level"),
+        ("name: x\nparameters: {seed: {values: [1]}}\nfoo: 1\n", "unknown key 'foo'"),
+        ("name: x\nmethod: bayes\nparameters: {seed: {values: [1]}}\n", "needs W&B's sweep server"),
+        ("name: x\nparameters: {seed: {values: []}}\n", "'values' must be a non-empty list"),
+        ("name: x\nparameters: {nope: {values: [1]}}\n", "unknown key 'nope'"),
+        (
+            "name: x\nparameters: {phases.0.lr: {values: [0.1, -1]}}\n",
+            "member 2 (phases.0.lr=-1): 'phases[0].lr'",
+        ),
+        ("name: x\nmethod: random\nparameters: {seed: {values: [1, 2]}}\n", "random needs run_cap"),
+        ("name: x\nparameters: {seed: {distribution: uniform, min: 0, max: 1}}\n", "grid takes values"),
+        ("name: x\nparameters: {seed: {values: [1]}, lr: {parameters: {a: 1}}}\n", "nested parameters"),
+        ("name: x\nparameters: {seed: {values: [1]}}\nmetric: {name: accuracy}\n", "metric"),
+        ("name: 'a b'\nparameters: {seed: {values: [1]}}\n", "name 'a b'"),
+    ],
+)
+def test_bad_sweep_files_are_one_line_exit_2_and_nothing_is_written(tmp_path: Path, text: str, message: str):
+    proc = run_cli("sweep", "run", _spec(tmp_path, text), "--output-dir", tmp_path / "out", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+def test_a_grid_over_1000_members_needs_yes(tmp_path: Path):
+    seeds = ", ".join(map(str, range(501)))
+    text = f"name: big\nparameters:\n  seed: {{values: [{seeds}]}}\n  batch_size: {{values: [64, 128]}}\n"
+    proc = run_cli("sweep", "submit", _spec(tmp_path, text), "--dry-run", cwd=tmp_path)
+    assert proc.returncode == 2 and "has 1,002 members; pass --yes" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
+
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> tuple[Path, Any]:
+    base = tmp_path_factory.mktemp("sweep")
+    root = base / "tiny"
+    spec = _spec(base)
+    proc = ok(run_cli("sweep", "run", spec, *PHASES, "--tracker", "none", "--output-dir", root, env=data_env))
+    return root, proc
+
+
+def test_sweep_run_writes_one_run_dir_per_member_equal_to_its_solo_run(
+    local_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, data_env: dict
+):
+    root, proc = local_sweep
+    manifest = load_json(root / "sweep.json")
+    ids = [m["id"] for m in manifest["members"]]
+    assert len(ids) == 4 and "4 trained, 0 skipped, 0 failed" in proc.stdout
+    for member in manifest["members"]:
+        run_dir = root / "members" / member["id"]
+        assert {"history.json", "run.json", "config.yaml", "model.safetensors", "loss.png"} <= {
+            p.name for p in run_dir.iterdir()
+        }
+        assert load_json(run_dir / "run.json")["status"] == "completed"
+    # Each member is an ordinary run: `mnist-dist train --config` of its config.yaml gives its history.
+    for member in manifest["members"][1:3]:
+        run_dir = root / "members" / member["id"]
+        solo = tmp_path / member["id"]
+        ok(run_cli("train", "--config", run_dir / "config.yaml", "--output-dir", solo, env=data_env))
+        a, b = run_history(solo), run_history(run_dir)
+        assert len(a) == len(b) == 3
+        for x, y in zip(a, b, strict=True):
+            assert abs(x["val_loss"] - y["val_loss"]) <= 1e-4 and abs(x["val_acc"] - y["val_acc"]) <= 1e-4
+
+
+def test_results_table_files_and_plots(local_sweep: tuple[Path, subprocess.CompletedProcess]):
+    root, _ = local_sweep
+    proc = ok(run_cli("sweep", "results", root))
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:5] == ["id", "phases.0.lr", "seed", "status", "epochs"]
+    assert table[1].startswith("*") and "over seeds:" in proc.stdout
+    results = load_json(root / "results.json")
+    accs = [r["final_val_acc"] for r in results["members"]]
+    assert accs == sorted(accs, reverse=True) and results["members"][0]["best"] is True
+    assert all(r["status"] == "done" and r["epochs_done"] == 2 for r in results["members"])
+    groups = results["seed_groups"]
+    assert [g["seeds"] for g in groups] == [2, 2] and groups[0]["val_acc_mean"] > groups[1]["val_acc_mean"]
+    assert groups[0]["phases.0.lr"] == 0.5, "lr 0.5 beats 0.1 after one epoch"
+    with (root / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["id"] for r in rows] == [r["id"] for r in results["members"]]
+    for name in ("curves.png", "final-phases_0_lr.png"):
+        assert (root / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    status = json.loads(ok(run_cli("sweep", "status", root, "--json")).stdout)
+    assert status["counts"]["done"] == 4 and status["members"] == 4
+
+
+def test_a_rerun_trains_nothing_and_a_killed_sweep_finishes(
+    local_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, data_env: dict
+):
+    root, _ = local_sweep
+    spec = _spec(tmp_path)
+    args = ["sweep", "run", spec, *PHASES, "--tracker", "none"]
+    again = ok(run_cli(*args, "--output-dir", root, env=data_env))
+    assert "0 trained, 4 skipped" in again.stdout and "Epoch [" not in again.stdout
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_dist.cli", *map(str, args), "--output-dir", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=data_env,
+        cwd=ROOT,
+    )
+    deadline = time.monotonic() + 300
+    while len(list(killed.glob("members/*/history.json"))) < 1:  # one member done, the next under way
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = ok(run_cli(*args, "--output-dir", killed, env=data_env))
+    assert "0 failed" in finished.stdout and " skipped" in finished.stdout
+    for member in load_json(root / "sweep.json")["members"]:
+        assert run_history(killed / "members" / member["id"]) == run_history(root / "members" / member["id"])
+
+
+def test_a_diverging_member_fails_alone(tmp_path: Path, data_env: dict):
+    spec = _spec(tmp_path, "name: nan\nparameters:\n  phases.0.lr: {values: [1.0e38, 0.5]}\n")
+    args = ["--phases", "1x0.5", "--tracker", "none", "--output-dir", tmp_path / "s"]
+    proc = ok(run_cli("sweep", "run", spec, *args, env=data_env))
+    assert "1 trained, 0 skipped, 1 failed" in proc.stdout
+    results = load_json(tmp_path / "s" / "results.json")
+    assert [r["status"] for r in results["members"]] == ["done", "failed"]
+
+
+def _until(check, timeout: float = 400, every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(every)
+    return found
+
+
+def test_sweep_submit_is_one_array_and_a_preempted_task_is_requeued_alone(
+    cluster: int, slurm_env: dict, tmp_path: Path
+):
+    root = tmp_path / "array"
+    args = ["--phases", SHORT_PHASES, "--partition", "cpu", "--members-per-task", "2", "--tracker", "wandb"]
+    proc = run_cli(
+        "sweep",
+        "submit",
+        _spec(tmp_path),
+        *args,
+        "--allow-local",
+        "--output-dir",
+        root,
+        "--json",
+        env=slurm_env,
+    )
+    sub = json.loads(ok(proc).stdout)
+    job = sub["job_id"]
+    assert sub["sweep_dir"] == str(root)
+    tasks = load_json(root / "sweep.json")["jobs"][0]["tasks"]
+    assert [len(t) for t in tasks] == [2, 2], "4 members, 2 per task: one array of 2 tasks"
+    # Preempt task 1 while it trains its second member (its first is done).
+    second = root / "members" / tasks[1][1] / "metrics.jsonl"
+    _until(lambda: (root / "members" / tasks[1][0] / "history.json").is_file() and second.is_file())
+    subprocess.run(["scancel", "--signal=USR2", f"{job}_1"], check=True)
+
+    def requeued() -> bool:
+        info = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
+        return info["tasks"][1]["state"] in ("PENDING", "REQUEUED")
+
+    _until(requeued, timeout=120, every=1)
+    subprocess.run(["scontrol", "update", f"JobId={job}_1", "StartTime=now"], check=True)  # no requeue delay
+
+    def all_done() -> dict | None:
+        info = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
+        finished = [t["state"] for t in info["tasks"]] == ["COMPLETED", "COMPLETED"]
+        return info if finished and info["counts"]["done"] == 4 else None
+
+    _until(all_done, every=1)
+    log = next((root / "submitit").glob(f"{job}_1_0_log.out")).read_text()
+    assert "restart 1" in log and f"resuming from {root}/members/{tasks[1][1]}/checkpoints" in log
+    assert "resuming" not in next((root / "submitit").glob(f"{job}_0_0_log.out")).read_text()
+    for member in [m for t in tasks for m in t]:
+        runs = [wandb_file.read_wandb_run(f) for f in wandb_file.wandb_run_files(root / "members" / member)]
+        assert {r["group"] for r in runs} == {"tiny"} and {r["job_type"] for r in runs} == {"sweep"}
+        assert {r["id"] for r in runs} == {f"tiny-{member}"}, "one W&B run per member, across the requeue"
+        assert sorted(row["epoch"] for r in runs for row in r["history"]) == [0, 1, 2, 3]
+    results = ok(run_cli("sweep", "results", root, "--json", env=slurm_env))
+    assert [r["status"] for r in json.loads(results.stdout)["members"]] == ["done"] * 4
