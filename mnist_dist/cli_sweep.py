@@ -54,13 +54,15 @@ def run(
     **opts: Any,
 ) -> None:
     """Train every member on this machine, one after another (finished ones are skipped)."""
-    from mnist_dist import sweep_results, sweeps
+    from mnist_dist import datafiles, sweep_results, sweeps
     from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
     from mnist_dist.sweep_run import run_members
 
     parsed, root, found = load_members(spec, opts, yes)
     for note in parsed.notes:
         print(f"note: {note}")
+    for data_dir in sorted({m.cfg.data_dir() for m in found}):  # a data problem is the sweep's, once
+        datafiles.prepare(data_dir, found[0].cfg.data.source)
     sweeps.write_manifest(root, parsed, found)
     print(f"sweep {parsed.name}: {len(found)} member(s) in {root}/members")
     stop = StopFlag(found[0].cfg.checkpoint.stop_check_steps)

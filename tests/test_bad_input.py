@@ -48,7 +48,8 @@ class Row:
     @property
     def slurm(self) -> bool:
         """Rows that ask Slurm (sbatch, sinfo, scancel): skipped without a cluster, checked for jobs."""
-        return self.command.split()[0] in ("submit", "cancel")
+        words = self.command.split()
+        return words[0] in ("submit", "cancel") or words[:2] in (["sweep", "submit"], ["sweep", "cancel"])
 
 
 # --- fixtures the rows share (plain data: the table stays readable) ------------------------------
@@ -74,6 +75,10 @@ CORRUPT_CHECKPOINT = {  # progress.json lists a file whose hash does not match
 }
 TRUNCATED_IDX = {"mnist/MNIST/raw/train-images-idx3-ubyte": b"\x00\x00\x08\x03" + b"\x00" * 12}
 A_FILE = {"afile": "keep me\n"}
+SPEC = "name: s\nparameters:\n  seed: {values: [0, 1]}\n"  # a valid sweep: the row's option is the bad part
+MANIFEST = json.dumps(
+    {"name": "s", "metric": {"name": "val_acc", "goal": "maximize"}, "swept": [], "members": []}
+)
 
 
 ROWS = [
@@ -216,6 +221,58 @@ ROWS = [
     Row("sync-timeout-0", "sync {tmp} --timeout 0", "--timeout 0"),
     Row("sync-timeout-inf", "sync {tmp} --timeout inf", "--timeout inf"),
     Row("sync-missing-dir", "sync {tmp}/nowhere --dry-run", "{tmp}/nowhere"),
+    # sweep (the spec's own cases are in test_sweeps.py)
+    Row("sweep-run-missing-spec", "sweep run {tmp}/nope.yaml", "sweep file {tmp}/nope.yaml not found"),
+    Row("sweep-run-list-spec", "sweep run {tmp}/s.yaml", "expected a mapping", {"s.yaml": "- 1\n"}),
+    Row(
+        "sweep-run-bayes",
+        "sweep run {tmp}/s.yaml",
+        "needs W&B's sweep server",
+        {"s.yaml": SPEC + "method: bayes\n"},
+    ),
+    Row(
+        "sweep-run-bad-member",
+        "sweep run {tmp}/s.yaml --set batch_size=-3",
+        "(seed=0): 'batch_size' = -3",
+        {"s.yaml": SPEC},
+    ),
+    Row("sweep-run-no-data", "sweep run {tmp}/s.yaml", "{tmp}/no-data", {"s.yaml": SPEC}),
+    Row("sweep-run-name", "sweep run {tmp}/s.yaml --name x", "--name", {"s.yaml": SPEC}),
+    Row("sweep-run-phases", "sweep run {tmp}/s.yaml --phases 5", "not EPOCHSxLR", {"s.yaml": SPEC}),
+    Row(
+        "sweep-submit-per-task-0",
+        "sweep submit {tmp}/s.yaml --members-per-task 0",
+        "--members-per-task 0",
+        {"s.yaml": SPEC},
+    ),
+    Row(
+        "sweep-submit-parallelism-0",
+        "sweep submit {tmp}/s.yaml --array-parallelism 0",
+        "--array-parallelism 0",
+        {"s.yaml": SPEC},
+    ),
+    Row(
+        "sweep-submit-bad-partition",
+        "sweep submit {tmp}/s.yaml --partition nosuch",
+        "partition 'nosuch'",
+        {"s.yaml": SPEC},
+    ),
+    Row("sweep-submit-time", "sweep submit {tmp}/s.yaml --time 0", "--time '0'", {"s.yaml": SPEC}),
+    Row("sweep-status-no-sweep", "sweep status {tmp}/run", "is not a sweep dir", {"run/": ""}),
+    Row("sweep-status-unknown-job", "sweep status 999999991", "job 999999991 is not known"),
+    Row("sweep-status-not-a-sweep-job", "sweep status 424242", "is not a sweep's array", RECORD),
+    Row(
+        "sweep-results-corrupt",
+        "sweep results {tmp}/sw",
+        "sweep.json is unreadable",
+        {"sw/sweep.json": "{oops"},
+    ),
+    Row(
+        "sweep-cancel-never-submitted",
+        "sweep cancel {tmp}/sw",
+        "was never submitted",
+        {"sw/sweep.json": MANIFEST},
+    ),
 ]
 
 assert len({row.id for row in ROWS}) == len(ROWS), "row ids must be unique"
@@ -224,13 +281,16 @@ assert len({row.id for row in ROWS}) == len(ROWS), "row ids must be unique"
 GUARDS = {
     "train": "--source dir --data-dir {tmp}/no-data --tracker none",
     "submit": "--source dir --data-dir {tmp}/no-data --tracker none --allow-local",
+    "sweep run": "--source dir --data-dir {tmp}/no-data --tracker none",
+    "sweep submit": "--source dir --data-dir {tmp}/no-data --tracker none --allow-local",
 }
 
 
 def argv(row: Row, tmp: Path) -> list[str]:
     words = [w.replace("{tmp}", str(tmp)) for w in shlex.split(row.command)]
-    guard = [w.replace("{tmp}", str(tmp)) for w in shlex.split(GUARDS.get(words[0], ""))]
-    return [words[0], *guard, *words[1:]]
+    n = 2 if words[0] == "sweep" else 1
+    guard = [w.replace("{tmp}", str(tmp)) for w in shlex.split(GUARDS.get(" ".join(words[:n]), ""))]
+    return [*words[:n], *guard, *words[n:]]
 
 
 def write_files(tmp: Path, files: Files) -> None:
