@@ -48,7 +48,10 @@ def _records(path: Path) -> list[bytes]:
 
 
 def wandb_run_files(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob("wandb/*run-*/run-*.wandb"))
+    """The .wandb files of a run dir, or of every member of a sweep dir."""
+    return sorted(
+        [*run_dir.glob("wandb/*run-*/run-*.wandb"), *run_dir.glob("members/*/wandb/*run-*/run-*.wandb")]
+    )
 
 
 def read_wandb_run(path: Path) -> dict[str, Any]:

@@ -254,5 +254,7 @@ def test_sweep_submit_is_one_array_and_a_preempted_task_is_requeued_alone(
         assert {r["group"] for r in runs} == {"tiny"} and {r["job_type"] for r in runs} == {"sweep"}
         assert {r["id"] for r in runs} == {f"tiny-{member}"}, "one W&B run per member, across the requeue"
         assert sorted(row["epoch"] for r in runs for row in r["history"]) == [0, 1, 2, 3]
+    synced = ok(run_cli("sync", root, "--dry-run", env=slurm_env)).stdout.splitlines()
+    assert len(synced) == 5 and all("/members/" in line for line in synced), "every member's W&B runs"
     results = ok(run_cli("sweep", "results", root, "--json", env=slurm_env))
     assert [r["status"] for r in json.loads(results.stdout)["members"]] == ["done"] * 4
