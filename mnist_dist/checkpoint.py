@@ -24,6 +24,7 @@ from mnist_dist.errors import UserError
 from mnist_dist.stopping import ResumePoint
 
 PROGRESS = "progress.json"
+SELF_HASH = "progress_sha256"
 NAME = re.compile(r"^epoch-(\d{4})(?:-step-(\d{6}))?$")
 
 
@@ -67,7 +68,14 @@ def _sha256(path: Path) -> str:
 def seal(tmp: Path, progress: Progress) -> None:
     """Record every file's hash in progress.json (main process, after every process has written)."""
     progress.files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != PROGRESS}
-    (tmp / PROGRESS).write_text(json.dumps(asdict(progress), indent=1) + "\n")
+    fields = asdict(progress)
+    # progress.json seals itself too: an edited position or history is refused like an altered file.
+    fields[SELF_HASH] = _digest(fields)
+    (tmp / PROGRESS).write_text(json.dumps(fields, indent=1) + "\n")
+
+
+def _digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def publish(tmp: Path, run_dir: Path, progress: Progress, keep: int) -> Path:
@@ -116,11 +124,15 @@ def read(path: Path) -> Progress:
     meta = path / PROGRESS
     try:
         fields = json.loads(meta.read_text())
+        sealed = fields.pop(SELF_HASH, None)  # None: written before 2026-11-28, not self-sealed
+        altered = sealed is not None and sealed != _digest(fields)
         if "step_losses_sum" in fields:  # what checkpoints written before 2026-11-28 call it
             fields["loss_sum"] = fields.pop("step_losses_sum")
         progress = Progress(**fields)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         raise UserError(f"checkpoint {path} has no readable {PROGRESS} ({e})") from None
+    if altered:
+        raise UserError(f"checkpoint {path} is corrupt: {PROGRESS} is altered")
     if not progress.files:
         raise UserError(f"checkpoint {path} lists no files")
     for name, digest in progress.files.items():
@@ -157,7 +169,7 @@ def choose(run_dir: Path, resume: str, log: Any = print) -> tuple[Path, Progress
         return None
     if resume != "auto":
         path = Path(resume)
-        if path.is_dir() and not (path / PROGRESS).exists():  # a run directory: its newest checkpoint
+        if folder(path).is_dir():  # a run directory: its newest checkpoint
             found = candidates(path)
             if not found:
                 raise UserError(f"--resume {resume}: no checkpoint in {folder(path)}")

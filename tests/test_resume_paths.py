@@ -169,11 +169,6 @@ def test_a_damaged_progress_file_named_by_resume_path_is_exit_2(
     assert snapshot(src) == before, "a refused resume writes nothing"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checkpoint.choose takes a folder without progress.json for a run directory and says "
-    "'no checkpoint in FOLDER/checkpoints' instead of naming the missing progress.json",
-)
 def test_a_checkpoint_without_progress_file_is_named_as_such(stopped: Path, tmp_path: Path, data_env: dict):
     src = copy_of(stopped, tmp_path / "src")
     bad = src / "checkpoints" / STEP_50
@@ -182,11 +177,6 @@ def test_a_checkpoint_without_progress_file_is_named_as_such(stopped: Path, tmp_
     assert f"checkpoint {bad} has no readable progress.json" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="progress.json is not covered by the checkpoint's hashes: a valid but altered one "
-    "(position, history) is resumed from as if sound",
-)
 def test_an_altered_progress_file_is_refused(stopped: Path, tmp_path: Path):
     from mnist_dist import checkpoint
     from mnist_dist.errors import UserError

@@ -45,6 +45,15 @@ def test_wandb_offline_run_is_written_and_read_back(tmp_path: Path, mnist_dir: P
         {"epochs": 5, "lr": 0.5},
         {"epochs": 5, "lr": 0.1},
     ]
+    # epoch is the x-axis, and the summary holds the best epoch's val_acc and val_loss (define_metric).
+    assert run["metrics"]["val_acc"] == {"step_metric": "epoch", "summary": ["max", "last"]}
+    assert run["metrics"]["val_loss"] == {"step_metric": "epoch", "summary": ["min", "last"]}
+    assert run["summary"]["val_acc"] == {
+        "max": max(e["val_acc"] for e in history),
+        "last": history[-1]["val_acc"],
+    }
+    assert run["summary"]["val_loss"]["min"] == min(e["val_loss"] for e in history)
+    assert run["group"] is None and run["job_type"] is None, "a single run is in no sweep's group"
 
 
 def test_wandb_online_without_key_falls_back_to_offline(tmp_path: Path, mnist_dir: Path):
