@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_json, ok, run_cli
-
-from test_resume import SEED, assert_identical  # isort: skip
+from conftest import ROOT, accelerate_launch, load_json, ok, run_cli
+from test_resume import SEED, assert_identical
+from test_train import TWO_GLOO
 
 SMOKE = ["-c", str(ROOT / "configs/smoke.yaml")]
 
@@ -42,12 +43,16 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 def test_a_second_writer_exits_2_at_once_and_the_first_run_is_whole(tmp_path: Path, data_env: dict):
     out = tmp_path / "shared"
     first = _train(out, data_env)
-    _wait_for(out / "writer.lock", first)
-    holder = load_json(out / "writer.lock")
+    try:
+        _wait_for(out / "writer.lock", first)
+        holder = load_json(out / "writer.lock")
+        started = time.monotonic()
+        second = run_cli("train", *SEED, "--output-dir", out, env=data_env)
+        took = time.monotonic() - started
+    except BaseException:
+        first.kill()
+        raise
     assert holder["pid"] == first.pid and holder["host"] == socket.gethostname()
-    started = time.monotonic()
-    second = run_cli("train", *SEED, "--output-dir", out, env=data_env)
-    took = time.monotonic() - started
     assert second.returncode == 2, second.stderr
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     assert f"is being written by another run: pid {first.pid} on " in second.stderr
@@ -172,3 +177,33 @@ def test_a_full_disk_is_one_line_exit_1_and_the_run_resumes_exactly(
     resumed = ok(run_cli("train", *SEED, "--output-dir", out, env=data_env))
     assert f"resuming from {out}/checkpoints/epoch-0002" in resumed.stdout
     assert_identical(out, seed_run)
+
+
+def test_under_a_launcher_the_main_process_holds_the_lock_for_all(tmp_path: Path, data_env: dict):
+    """accelerate launch: rank 0 takes the lock after the process group exists; a second writer of
+    either kind is refused, a launched one on every rank (they agree through one all-reduce)."""
+    out = tmp_path / "launched"
+    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *TWO_GLOO]
+    long_run = [*SEED, "--phases", "50x0.5", "--output-dir", str(out)]  # stopped by the test, not run out
+    holder_proc = subprocess.Popen(
+        [*launch, *long_run],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=data_env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(out / "writer.lock", holder_proc)
+        holder = load_json(out / "writer.lock")
+        assert holder["pid"] != holder_proc.pid, "a worker holds it (rank 0), not the launcher"
+        single = run_cli("train", *SMOKE, "--output-dir", out, env=data_env)
+        assert single.returncode == 2 and f"another run: pid {holder['pid']} on " in single.stderr
+        launched = accelerate_launch(*TWO_GLOO, *SMOKE, "--output-dir", out, env=data_env)
+        assert launched.returncode == 1, launched.stderr[-2000:]  # the launcher's exit for any failure
+        assert f"another run: pid {holder['pid']} on " in launched.stderr
+        assert holder_proc.poll() is None, "the holder trains on"
+        assert load_json(out / "writer.lock")["pid"] == holder["pid"]
+    finally:
+        os.killpg(holder_proc.pid, signal.SIGKILL)
+        holder_proc.wait()

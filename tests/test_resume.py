@@ -15,8 +15,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import ROOT, SHORT_PHASES, accelerate_launch, env_with, load_json, ok, run_cli, run_history
-
-from test_train import TWO_GLOO, assert_same_history  # isort: skip
+from test_train import TWO_GLOO, assert_same_history
 
 SEED = ["--config", str(ROOT / "configs/seed.yaml"), "--tracker", "none"]
 
@@ -111,14 +110,17 @@ def test_kill_9_during_a_real_save_leaves_nothing_resume_would_take(
     while not saving.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "the save was never reached"
         time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # before any assertion: a failing test leaves no sleeper behind
+    proc.wait()
     half = Path(saving.read_text())
     assert half.name == ".tmp-epoch-0005" and (half / "model.safetensors").is_file()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     assert not (half / "progress.json").exists(), "killed before the seal"
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == [".tmp-epoch-0005", "epoch-0003", "epoch-0004"], "only the temporary folder is new"
     newest = out / "checkpoints" / "epoch-0004"
     proc = ok(run_cli("train", *SEED, "--output-dir", out, env=data_env))
     assert f"resuming from {newest} at the end of epoch 4" in proc.stdout, proc.stdout
+    assert "warning" not in proc.stdout, "nothing half-written was even considered"
     assert not half.exists(), "temporary folders are cleared"
     assert_identical(out, seed_run)
 
@@ -304,7 +306,10 @@ def test_a_checkpoint_of_n_processes_resumes_on_m(
         assert "ChildFailedError" in stop.stderr  # the launcher's banner, documented in the README
     resumed = ok(_train_on(then, out, data_env))
     assert "at epoch 2, step 100" in resumed.stdout
-    assert_same_history(load_json(out / "history.json"), load_json(short_run / "history.json"))
+    history, reference = load_json(out / "history.json"), load_json(short_run / "history.json")
+    assert_same_history(history, reference)
+    for a, b in zip(history[1:], reference[1:], strict=True):  # the stopped epoch's mean loss too
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6, (a["epoch"], a["train_loss"], b["train_loss"])
     segments = load_json(out / "run.json")["segments"]
     assert [s["world_size"] for s in segments] == [first, then]
     assert segments[1]["from"] == {"epochs_done": 1, "step": 100}

@@ -377,6 +377,12 @@ def test_requeues_are_bounded_and_a_2_node_checkpoint_resumes_as_a_1_node_job(
     assert len(run["segments"][0]["hosts"]) == 2 and "step-" in run["resumed_from"]
     for a, b in zip(load_json(out / "history.json"), load_json(short_run / "history.json"), strict=True):
         assert abs(a["val_loss"] - b["val_loss"]) <= 1e-4 and abs(a["val_acc"] - b["val_acc"]) <= 1e-4
+        if a["epoch"]:  # the stopped epoch's mean training loss too (the 2 processes' sums, averaged)
+            assert abs(a["train_loss"] - b["train_loss"]) <= 1e-6, (
+                a["epoch"],
+                a["train_loss"],
+                b["train_loss"],
+            )
 
 
 def test_submit_tightens_its_dirs_and_refuses_another_users(cluster: int, tmp_path: Path, slurm_env: dict):
