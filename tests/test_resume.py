@@ -120,7 +120,8 @@ def test_kill_9_during_a_real_save_leaves_nothing_resume_would_take(
     newest = out / "checkpoints" / "epoch-0004"
     proc = ok(run_cli("train", *SEED, "--output-dir", out, env=data_env))
     assert f"resuming from {newest} at the end of epoch 4" in proc.stdout, proc.stdout
-    assert "warning" not in proc.stdout, "nothing half-written was even considered"
+    assert "trying the previous checkpoint" not in proc.stdout, "nothing half-written was even considered"
+    assert "warning: taking over the lock" in proc.stdout  # the killed run's, whose pid is gone
     assert not half.exists(), "temporary folders are cleared"
     assert_identical(out, seed_run)
 
