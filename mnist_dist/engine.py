@@ -250,8 +250,7 @@ class Engine:
             if i < start.step:  # resuming mid-epoch: same permutation, these steps are done
                 continue
             if i > start.step and i % check == 0 and self._stop_agreed(epoch, i):
-                # The mean over processes of their sums so far: what each of any number of processes
-                # adds back on resume (the epoch's train_loss divides by steps x world).
+                # The mean of the processes' sums: what each of any number of them adds back on resume.
                 so_far = self.accelerator.reduce(self._loss_sum(losses, graph, start), reduction="sum")
                 raise Preempted(epoch, ResumePoint(i, so_far.item() / self.world))
             if graph is not None and size == train.batch_size:

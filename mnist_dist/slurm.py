@@ -18,7 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
@@ -237,7 +237,7 @@ class TrainJob:
 
 def requeue_or_exit(
     e: Exception, job: Any, max_requeues: int, requeue: Any, saved: str, resubmit: str
-) -> None:
+) -> NoReturn:
     """After a requested stop saved its checkpoint (every task): rank 0 has submitit requeue the job
     (or, for an array task, that task alone), unless Slurm is cancelling it or the requeues are spent.
     Never returns."""

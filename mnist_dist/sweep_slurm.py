@@ -54,7 +54,6 @@ class SweepTask:
         except Preempted as e:
             saved = f"{members[0].run_dir.parent}/<member>/checkpoints"
             slurm.requeue_or_exit(e, job, cfgs[0].max_requeues, requeue, saved, "sweep submit")
-            raise  # not reached
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """What submitit requeues: the same pack; the members' state is in their checkpoints."""
@@ -171,9 +170,8 @@ def status(target: str) -> dict[str, Any]:
         "name": manifest["name"],
         "sweep_dir": str(root),
         "members": len(states),
-        "counts": {s: n for s, n in Counter(states.values()).items()},
+        "counts": {s: Counter(states.values())[s] for s in STATES},
     }
-    info["counts"] = {s: info["counts"].get(s, 0) for s in STATES}
     jobs = manifest.get("jobs", [])
     if jobs:
         job = jobs[-1]
