@@ -21,6 +21,7 @@ from typing import Any
 from mnist_dist import slurm
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
+from mnist_dist.provenance import now
 from mnist_dist.sweeps import MANIFEST, Member, Spec, member_state, read_manifest, write_manifest
 
 STATES = ("pending", "running", "done", "failed", "stopped")
@@ -111,7 +112,7 @@ def submit(
     except Exception as e:  # sbatch refused: its message is the useful part
         raise UserError(f"sbatch refused the array: {str(e).strip().splitlines()[-1]}") from None
     array_id = str(jobs[0].job_id).split("_")[0]
-    record = {"job_id": array_id, "tasks": [[m.id for m in p] for p in packs], "submitted_at": _now()}
+    record = {"job_id": array_id, "tasks": [[m.id for m in p] for p in packs], "submitted_at": now()}
     manifest = read_manifest(root)
     write_manifest(root, spec, members, jobs=[*manifest.get("jobs", []), record])
     from mnist_dist.jobs import remember
@@ -123,12 +124,6 @@ def submit(
 def _job_config(member: Member) -> dict[str, Any]:
     data_root = member.cfg.data_dir().expanduser().absolute()
     return slurm.job_config(member.cfg, member.run_dir.absolute(), data_root).model_dump(mode="json")
-
-
-def _now() -> str:
-    from mnist_dist.provenance import now
-
-    return now()
 
 
 def find(target: str) -> tuple[Path, dict[str, Any]]:
@@ -166,11 +161,12 @@ def _task_states(array_id: str) -> dict[int, str]:
 def status(target: str) -> dict[str, Any]:
     root, manifest = find(target)
     states = {m["id"]: member_state(root / "members" / m["id"]) for m in manifest["members"]}
+    counted = Counter(states.values())
     info: dict[str, Any] = {
         "name": manifest["name"],
         "sweep_dir": str(root),
         "members": len(states),
-        "counts": {s: Counter(states.values())[s] for s in STATES},
+        "counts": {s: counted[s] for s in STATES},
     }
     jobs = manifest.get("jobs", [])
     if jobs:
