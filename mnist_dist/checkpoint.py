@@ -4,7 +4,9 @@ A checkpoint is the folder Accelerate's save_state writes (weights as safetensor
 per-process RNG states, loaded back with weights_only=True) plus progress.json: where training stands
 (epoch, step within it), the history so far, the tracker's run id, the config and its fingerprint,
 and the SHA-256 of every file. It is written under a temporary name and renamed into place, so a
-kill during a save never leaves a folder that resume would take.
+kill during a save never leaves a folder that resume would take. A pack's checkpoint (in its pack
+dir) holds every member's weights and, in `members`, each member's history, tracker run id and
+failure.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ class Progress:
 
     epochs_done: int
     step: int = 0
-    loss_sum: float = 0.0
+    loss_sum: float | list[float] = 0.0  # a pack: one per member
     history: list[dict[str, Any]] = field(default_factory=list)
     tracker_run_id: str | None = None
     fingerprint: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     train_seconds: float = 0.0  # training time spent before this checkpoint
     segments: list[dict[str, Any]] = field(default_factory=list)  # the runs that trained so far
+    members: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # a pack's: id, history, tracker_run_id, failure
     files: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -142,10 +147,30 @@ def read(path: Path) -> Progress:
     return progress
 
 
-def check_matches(progress: Progress, cfg: TrainConfig, path: Path) -> None:
-    """UserError unless the checkpoint was written by a config that decides the same numbers."""
-    if progress.fingerprint == cfg.fingerprint():
+def member_parts(progress: Progress, members: int) -> list[dict[str, Any]]:
+    """Each member's history, tracker run id and failure: a single run's are the top-level fields."""
+    if members > 1:
+        return progress.members or [{"history": []} for _ in range(members)]
+    return [{"history": progress.history, "tracker_run_id": progress.tracker_run_id}]
+
+
+def set_member_parts(progress: Progress, parts: list[dict[str, Any]]) -> None:
+    if len(parts) > 1:
+        progress.members = parts
+    else:
+        progress.history, progress.tracker_run_id = parts[0]["history"], parts[0]["tracker_run_id"]
+
+
+def check_matches(progress: Progress, cfgs: list[TrainConfig], fingerprint: str, path: Path) -> None:
+    """UserError unless the checkpoint was written by configs that decide the same numbers."""
+    if progress.fingerprint == fingerprint:
         return
+    if len(cfgs) > 1:
+        raise UserError(
+            f"pack checkpoint {path} was written for other members; remove the pack dir {path.parent.parent} "
+            "to start these members over"
+        )
+    cfg = cfgs[0]
     try:  # a checkpoint written when the fingerprint covered more keys (checkpoint cadence, requeues)
         if TrainConfig.model_validate(progress.config).fingerprint() == cfg.fingerprint():
             return
@@ -186,10 +211,18 @@ def choose(run_dir: Path, resume: str, log: Any = print) -> tuple[Path, Progress
 
 
 def starting_point(
-    cfg: TrainConfig, run_dir: Path, resume: str, force: bool, is_main: bool, log: Callable[..., None]
+    cfgs: list[TrainConfig],
+    fingerprint: str,
+    run_dir: Path,
+    resume: str,
+    force: bool,
+    is_main: bool,
+    log: Callable[..., None],
 ) -> tuple[Path | None, Progress]:
-    """The checkpoint to resume from (None: start over) and the progress the run starts with."""
-    progress = Progress(epochs_done=0, fingerprint=cfg.fingerprint(), config=cfg.model_dump(mode="json"))
+    """The checkpoint to resume from (None: start over) and the progress the run (a single run, or
+    a pack whose checkpoints are in `run_dir`) starts with."""
+    config = cfgs[0].model_dump(mode="json") if len(cfgs) == 1 else {"members": [c.name for c in cfgs]}
+    progress = Progress(epochs_done=0, fingerprint=fingerprint, config=config)
     if resume == "never" and is_main:
         shutil.rmtree(folder(run_dir), ignore_errors=True)
     chosen = choose(run_dir, resume, log=log)
@@ -197,7 +230,7 @@ def starting_point(
         return None, progress
     path, found = chosen
     if not force:
-        check_matches(found, cfg, path)
+        check_matches(found, cfgs, fingerprint, path)
     # Its position, history, time and run id; the fingerprint and config of this run (they differ
     # only under --force).
     return path, dataclasses.replace(found, fingerprint=progress.fingerprint, config=progress.config)

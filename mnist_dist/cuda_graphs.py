@@ -2,8 +2,9 @@
 captured once as a CUDA graph and replayed.
 
 For a model this small a step is a few dozen tiny kernels, and launching them one by one from Python
-costs more than running them; a replay launches them all at once. The lr is baked into the graph, so
-each phase captures its own, and a checkpoint load (new weights and optimizer state) captures again.
+costs more than running them; a replay launches them all at once. The members' lrs are baked into
+the graph, so each phase (and each freeze of a member) captures its own, and a checkpoint load (new
+weights and optimizer state) captures again.
 Applies to one process on a GPU at full precision without accumulation; the short last batch of an
 epoch runs eagerly. Tested on a CPU with `capture` replaced (tests/test_cuda_graphs.py).
 """
@@ -15,7 +16,8 @@ from typing import Any
 
 import torch
 
-# One step of the engine: the batch's rows -> its loss (detached), after the SGD update.
+# One step of the engine: the batch's rows ([groups, batch]) -> its losses per member (detached), after
+# the SGD update.
 Step = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -49,22 +51,23 @@ def capture(step: Callable[[], None], zero_grad: Callable[[], None]) -> Callable
 
 
 class CapturedStep:
-    """A step captured for one lr; `replay(rows)` trains on those rows, `take_loss_sum()` returns the
-    summed losses of the replays since the last call."""
+    """A step captured for one set of lrs; `replay(rows)` trains on those rows, `take_loss_sum()`
+    returns each member's summed losses of the replays since the last call."""
 
     def __init__(
         self,
         step: Step,
-        batch_size: int,
-        lr: float,
+        rows_shape: tuple[int, int],
+        members: int,
+        lrs: tuple[float, ...],
         params: Iterable[torch.nn.Parameter],
         zero_grad: Callable[[], None],
         device: torch.device,
     ) -> None:
-        self.lr = lr
-        self.rows = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.lrs = lrs
+        self.rows = torch.zeros(rows_shape, dtype=torch.long, device=device)
         # float64, as the eager path sums its step losses, so both give the same train_loss.
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.loss_sum = torch.zeros(members, dtype=torch.float64, device=device)
 
         def one_step() -> None:
             self.loss_sum += step(self.rows).double()
@@ -92,7 +95,7 @@ class CapturedStep:
 
 
 class StepGraphs:
-    """The captured step for the current lr: captured on first use, again for a new lr or after
+    """The captured step for the current lrs: captured on first use, again for new lrs or after
     `reset()`; after a capture this stack cannot do, eager steps for good (the same numbers)."""
 
     def __init__(self, enabled: bool, log: Callable[[str], None]) -> None:
@@ -102,10 +105,10 @@ class StepGraphs:
     def reset(self) -> None:
         self.current = None
 
-    def for_lr(self, lr: float, make: Callable[[], CapturedStep]) -> CapturedStep | None:
+    def for_lr(self, lrs: tuple[float, ...], make: Callable[[], CapturedStep]) -> CapturedStep | None:
         if not self.enabled:
             return None
-        if self.current is None or self.current.lr != lr:
+        if self.current is None or self.current.lrs != lrs:
             try:
                 self.current = make()
             except RuntimeError as e:

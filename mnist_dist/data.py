@@ -69,6 +69,9 @@ class ShardedBatches:
     each global step whatever the number of processes: histories do not depend on the topology. The
     last, short batch is split as evenly as possible and never padded. Yields (images float [b, 784]
     = pixel/255, labels, global batch length).
+
+    A pack's groups (members with one seed each) each draw their own permutation from their seed:
+    with several `seeds`, a shuffled batch is a list of images and a list of labels, one per group.
     """
 
     def __init__(
@@ -79,10 +82,10 @@ class ShardedBatches:
         rank: int = 0,
         world: int = 1,
         shuffle: bool = False,
-        seed: int = 0,
+        seeds: tuple[int, ...] = (0,),
     ) -> None:
         self.split, self.batch_size, self.rank, self.world = split, batch_size, rank, world
-        self.shuffle, self.seed, self.epoch = shuffle, seed, 0
+        self.shuffle, self.seeds, self.epoch = shuffle, tuple(seeds), 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -110,27 +113,35 @@ class ShardedBatches:
         )
 
     def _order(self) -> torch.Tensor | None:
+        """[groups, samples]: each seed's permutation of the split for this epoch."""
         if not self.shuffle:
             return None
-        g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        orders = []
+        for seed in self.seeds:
+            g = torch.Generator().manual_seed(epoch_seed(seed, self.epoch))
+            orders.append(torch.randperm(len(self.split), generator=g))
         # Drawn on the CPU for the same numbers on every device, moved once per epoch.
-        return torch.randperm(len(self.split), generator=g).to(self.split.labels.device)
+        return torch.stack(orders).to(self.split.labels.device)
 
     def indices(self) -> Iterator[tuple[torch.Tensor | slice, int]]:
-        """(this process's rows of each global batch, the global batch's length), for one epoch."""
+        """(this process's rows of each global batch, [groups, rows] when shuffled; the global
+        batch's length), for one epoch."""
         order = self._order()
         for base, size in zip(range(0, len(self.split), self.batch_size), self.global_sizes(), strict=True):
             start, stop = share(size, self.rank, self.world)
-            rows = slice(base + start, base + stop) if order is None else order[base + start : base + stop]
+            rows = slice(base + start, base + stop) if order is None else order[:, base + start : base + stop]
             yield rows, size
 
-    def batch(self, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, rows: torch.Tensor | slice) -> tuple[Any, Any]:
+        """(images, labels) of the rows: tensors, or with several groups a list of each."""
         images, labels = self.split.images, self.split.labels
         if isinstance(rows, slice):
             return images[rows].float().div_(255), labels[rows]
         # index_select, not images[rows]: advanced indexing costs several times more per call on a CPU.
-        return images.index_select(0, rows).float().div_(255), labels.index_select(0, rows)
+        xs = [images.index_select(0, r).float().div_(255) for r in rows]
+        ys = [labels.index_select(0, r) for r in rows]
+        return (xs[0], ys[0]) if len(xs) == 1 else (xs, ys)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
         for rows, size in self.indices():
             yield (*self.batch(rows), size)

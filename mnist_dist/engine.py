@@ -4,18 +4,17 @@ The tutorial's `evaluate` and `fit` live here, written once for every topology: 
 GPU, N processes on a node, N nodes. Per step there is no host sync: metrics are accumulated on the
 device and read once per epoch.
 
-What the engine trains is given to it: a factory for the module (called after seeding) whose
-`training_step` and `validation_step` turn logits into the loss and the evaluation sums. It yields
-an EpochResult per epoch and leaves history rows, printing and the run's files to run.py. A sweep's
-pack of models stacked into one module (the next issues) comes in through the same door; what it
-adds is one value per member where these steps return one number today.
+What the engine trains is given to it: a factory for a pack of members (model.MnistPack; a single
+run is a pack of one) whose `training_step` and `validation_step` turn logits into each member's
+loss and evaluation sums. Every number it reports is one per member: lrs in, losses and metrics out.
+It yields an EpochResult per epoch and leaves history rows, printing, failures and the run's files to
+run.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import shutil
 import sys
@@ -33,17 +32,19 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from mnist_dist import checkpoint, cuda_graphs, data, datafiles, faults, provenance, threads, tracking
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
-from mnist_dist.model import MnistModel
+from mnist_dist.member_sgd import MemberSGD
+from mnist_dist.model import MnistPack
 from mnist_dist.stopping import Preempted, ResumePoint, StopFlag
 
 
 @dataclass(frozen=True)
 class EpochResult:
-    """One trained epoch: validation metrics after it, the mean of its step losses, its duration."""
+    """One trained epoch, per member: validation metrics after it, the mean of its step losses; and
+    the epoch's duration."""
 
     epoch: int
-    metrics: dict[str, Any]
-    train_loss: float
+    metrics: list[dict[str, Any]]
+    train_loss: list[float]
     seconds: float
 
 
@@ -119,7 +120,7 @@ class Engine:
         self,
         cfg: TrainConfig,
         run_dir: Path,
-        build_model: Callable[[], torch.nn.Module],
+        build_model: Callable[[], MnistPack],
         stop: StopFlag | None = None,
     ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
@@ -134,7 +135,7 @@ class Engine:
             self.close()  # the process group, if one was built
             raise
 
-    def _prepare(self, build_model: Callable[[], torch.nn.Module], stop: StopFlag | None) -> None:
+    def _prepare(self, build_model: Callable[[], MnistPack], stop: StopFlag | None) -> None:
         """Rank facts, once; the model (after seeding), its optimizer and the step functions."""
         cfg = self.cfg
         self.world = self.accelerator.num_processes
@@ -149,17 +150,13 @@ class Engine:
         self.stop = stop or StopFlag(cfg.checkpoint.stop_check_steps)
         set_seed(cfg.seed)  # before the model is built: its initial weights follow the seed
         model = build_model()
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.phases[0].lr, foreach=self._foreach)
+        lrs = [torch.full((size,), cfg.phases[0].lr) for size in model.sizes]
+        optimizer = MemberSGD([list(group.parameters()) for group in model.groups], lrs)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.core = self.accelerator.unwrap_model(self.model)  # for its training/validation steps
+        self.core: MnistPack = self.accelerator.unwrap_model(self.model)  # its steps, its members
+        self.alive = torch.ones(len(self.core), dtype=torch.bool, device=self.device)
         self.optimizer_step, self.zero_grad, self.backward = _step_functions(self.accelerator, self.optimizer)
         self.graphs = cuda_graphs.StepGraphs(cuda_graphs.applies(cfg, self.device, self.world), self.print)
-
-    @property
-    def _foreach(self) -> bool:
-        # What torch's default (None) picks: multi-tensor kernels on a GPU, a loop over the tensors on
-        # a CPU. Left at None it is decided again on every step, by a check of every parameter.
-        return self.device.type == "cuda"
 
     def print(self, *args: Any) -> None:
         # Global rank 0 only: accelerator.print prints once per node, so N nodes would repeat each line.
@@ -181,34 +178,51 @@ class Engine:
         return data.load(root, train=train).to(self.device)
 
     def batches(self, split: data.MnistSplit, batch_size: int, shuffle: bool = False) -> data.ShardedBatches:
-        """The split's global batches, each cut into this process's share.
+        """The split's global batches, each cut into this process's share; shuffled, each group of
+        the pack draws its own order from its seed.
 
         Not Accelerate's prepared DataLoader: its split_batches mode pads the last global batch, so
         2 processes would train on 25,024 samples an epoch instead of 25,000 and drift from 1 process.
         """
         return data.ShardedBatches(
-            split, batch_size, rank=self.rank, world=self.world, shuffle=shuffle, seed=self.cfg.seed
+            split, batch_size, rank=self.rank, world=self.world, shuffle=shuffle, seeds=self.core.group_seeds
         )
 
     # --- the tutorial's evaluate and fit --------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, val: data.ShardedBatches) -> dict[str, float]:
-        """Exact mean loss and accuracy over every validation sample, whatever the process count."""
+    def evaluate(self, val: data.ShardedBatches) -> list[dict[str, float]]:
+        """Per member, exact mean loss and accuracy over every validation sample, whatever the
+        process count."""
         self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, samples
+        # Per member: loss sum, correct, samples.
+        totals = torch.zeros(3, len(self.core), dtype=torch.float64, device=self.device)
         for xb, yb, _ in val:
             loss, correct = self.core.validation_step(self.model(xb), yb)
             totals[0] += loss
             totals[1] += correct
             totals[2] += yb.shape[0]
-        loss_sum, correct, n = self.accelerator.reduce(totals, reduction="sum").tolist()
-        return {"val_loss": loss_sum / n, "val_acc": correct / n, "n_val_samples": int(n)}
+        sums, correct, n = self.accelerator.reduce(totals, reduction="sum").tolist()
+        return [
+            {"val_loss": s / k, "val_acc": c / k, "n_val_samples": int(k)}
+            for s, c, k in zip(sums, correct, n, strict=True)
+        ]
+
+    def set_lrs(self, lrs: list[float]) -> None:
+        """Each member's lr for the next steps; a frozen member's stays 0."""
+        values = torch.tensor(lrs, dtype=torch.float32, device=self.device)
+        self.optimizer.optimizer.set_lrs(torch.where(self.alive, values, 0.0))
+
+    def freeze(self, members: list[int]) -> None:
+        """Stop training these members (their loss went non-finite): lr 0 and out of the loss, so
+        the others go on exactly as without them."""
+        self.alive[members] = False
+        self.set_lrs([group_lr for group in self.optimizer.param_groups for group_lr in group["lr"].tolist()])
 
     def fit(
         self,
         epochs: int,
-        lr: float,
+        lrs: list[float],
         train: data.ShardedBatches,
         val: data.ShardedBatches,
         *,
@@ -216,34 +230,32 @@ class Engine:
         first_epoch: int,
         resume_at: ResumePoint = ResumePoint(),
     ) -> Iterator[EpochResult]:
-        """`epochs` epochs of SGD at `lr` from `first_epoch` (entered at `resume_at`), yielding each;
-        `phase` (0-based) only names the phase in errors.
+        """`epochs` epochs of SGD at `lrs` (one per member) from `first_epoch` (entered at
+        `resume_at`), yielding each. A member whose train_loss is not finite is for the caller to
+        `freeze`.
 
-        Raises Preempted at a step boundary when a stop was requested, FloatingPointError on a
-        non-finite loss (before the epoch is yielded, so no checkpoint of it is written).
+        Raises Preempted at a step boundary when a stop was requested.
         """
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.set_lrs(lrs)
         for epoch in range(first_epoch, first_epoch + epochs):
             start = time.perf_counter()
             train.set_epoch(epoch)
             train_loss = self._train_epoch(train, epoch, resume_at if epoch == first_epoch else ResumePoint())
             metrics = self.evaluate(val)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"training loss is {train_loss} in phase {phase + 1}, epoch {epoch}, lr {lr:g}"
-                )
             yield EpochResult(epoch, metrics, train_loss, round(time.perf_counter() - start, 4))
 
-    def _train_epoch(self, train: data.ShardedBatches, epoch: int, start: ResumePoint) -> float:
-        """One epoch of steps from `start`; returns the mean of its step losses (each a batch mean)."""
+    def _train_epoch(self, train: data.ShardedBatches, epoch: int, start: ResumePoint) -> list[float]:
+        """One epoch of steps from `start`; returns each member's mean of its step losses (each a
+        batch mean)."""
         model, core = self.model, self.core
         backward, optimizer_step, zero_grad = self.backward, self.optimizer_step, self.zero_grad
         model.train()
         k = self.cfg.grad_accum
         weights = train.loss_weights(k)
         last = len(weights) - 1
-        graph = self.graphs.for_lr(self.optimizer.param_groups[0]["lr"], lambda: self._capture(train))
+        lrs = tuple(lr for group in self.optimizer.param_groups for lr in group["lr"].tolist())
+        graph = self.graphs.for_lr(lrs, lambda: _capture(self, train))
+        everyone = bool(self.alive.all())
         losses: list[torch.Tensor] = []  # stacked once at the end: cheaper than an add per step
         check = self.stop.every if self.world > 1 else 1
         for i, (rows, size) in enumerate(_progress_bar(train, epoch, self.cfg.progress, self.is_main)):
@@ -252,7 +264,7 @@ class Engine:
             if i > start.step and i % check == 0 and self._stop_agreed(epoch, i):
                 # The mean of the processes' sums: what each of any number of them adds back on resume.
                 so_far = self.accelerator.reduce(self._loss_sum(losses, graph, start), reduction="sum")
-                raise Preempted(epoch, ResumePoint(i, so_far.item() / self.world))
+                raise Preempted(epoch, ResumePoint(i, (so_far / self.world).tolist()))
             if graph is not None and size == train.batch_size:
                 graph.replay(rows)
                 continue
@@ -263,34 +275,31 @@ class Engine:
             # Skip the gradient all-reduce on micro-batches that do not end an optimizer step.
             with contextlib.nullcontext() if steps_now else self.accelerator.no_sync(model):
                 loss = core.training_step(model(xb), yb)
-                backward(loss if weights[i] == 1.0 else loss * weights[i])
+                total = self._total(loss, everyone)
+                backward(total if weights[i] == 1.0 else total * weights[i])
             losses.append(loss.detach())
             if steps_now:
                 optimizer_step()
                 zero_grad()
         totals = self.accelerator.reduce(self._loss_sum(losses, graph, start), reduction="sum")
-        return totals.item() / (len(weights) * self.world)
+        return (totals / (len(weights) * self.world)).tolist()
+
+    def _total(self, losses: torch.Tensor, everyone: bool) -> torch.Tensor:
+        """The sum of the members' losses: d total / d loss_i = 1 exactly, so each member's gradient
+        is its own loss's. Frozen members are left out (where, not a 0 factor: 0 x NaN is NaN)."""
+        return (losses if everyone else torch.where(self.alive, losses, 0.0)).sum()
 
     def _loss_sum(
         self, losses: list[torch.Tensor], graph: cuda_graphs.CapturedStep | None, start: ResumePoint
     ) -> torch.Tensor:
-        """The epoch's step losses so far, summed in float64 on the device, with those before `start`."""
+        """Per member, the epoch's step losses so far, summed in float64 on the device, with those
+        before `start`."""
         if graph is not None:
             losses.append(graph.take_loss_sum())
-        total = torch.stack(losses).double().sum() if losses else torch.zeros((), dtype=torch.float64)
-        return total.to(self.device) + start.loss_sum
-
-    def _capture(self, train: data.ShardedBatches) -> cuda_graphs.CapturedStep:
-        def step(rows: torch.Tensor) -> torch.Tensor:  # one process, full batch: the loss weight is 1
-            xb, yb = train.batch(rows)
-            loss = self.core.training_step(self.model(xb), yb)
-            self.backward(loss)
-            self.optimizer_step()
-            return loss.detach()
-
-        lr = self.optimizer.param_groups[0]["lr"]
-        params = self.model.parameters()
-        return cuda_graphs.CapturedStep(step, train.batch_size, lr, params, self.zero_grad, self.device)
+        n = len(self.core)
+        total = torch.stack(losses).double().sum(0) if losses else torch.zeros(n, dtype=torch.float64)
+        before = torch.tensor(start.loss_sum, dtype=torch.float64).reshape(-1).expand(n)
+        return total.to(self.device) + before.to(self.device)
 
     def _stop_agreed(self, epoch: int, step: int) -> bool:
         """True on every process once any process was asked to stop."""
@@ -330,33 +339,17 @@ class Engine:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.accelerator.load_state(str(path))
-        for group in self.optimizer.param_groups:  # the saved groups bring the saving device's choice
-            group["foreach"] = self._foreach
         self.graphs.reset()  # captured against the old weights and state: capture again
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.accelerator.get_state_dict(self.model)
+    def state_dict(self, member: int = 0) -> dict[str, torch.Tensor]:
+        """One member's weights, in MnistModel's layout (model.safetensors)."""
+        return self.core.member_state_dict(member)
 
-    def facts(self, train: data.ShardedBatches) -> dict[str, Any]:
-        """World size, device, precision and where each rank ran: gathered from all ranks, for run.json."""
-        per_rank = gather_object([{"host": provenance.host(), "train_samples": train.samples_per_process()}])
-        return {
-            "world_size": self.world,
-            "distributed_type": str(self.accelerator.distributed_type).split(".")[-1],
-            "device": str(self.device),
-            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-            "precision": self.accelerator.mixed_precision,
-            # What torch runs with now, after Accelerate's set-up: it must still be the decided count.
-            "threads": {"count": torch.get_num_threads(), "source": self.threads.source},
-            "hosts": sorted({r["host"] for r in per_rank}),
-            "train_samples_per_process": [r["train_samples"] for r in per_rank],
-        }
-
-    def tracker(self) -> tracking.Tracker | tracking.NullTracker:
-        """The run's tracker, on the Accelerator's trackers: real on the main process only."""
+    def tracker(self, cfg: TrainConfig, run_dir: Path) -> tracking.Tracker | tracking.NullTracker:
+        """A run's (a member's) tracker, built by the Accelerator: real on the main process only."""
         if not self.is_main:
             return tracking.NullTracker()
-        return tracking.Tracker(self.cfg, self.run_dir, self.accelerator, self.print)
+        return tracking.Tracker(cfg, run_dir, self.accelerator, self.print)
 
     def close(self) -> None:
         """End trackers still open and destroy the process group, on every exit path."""
@@ -364,19 +357,50 @@ class Engine:
             self.accelerator.end_training()
 
 
+def _capture(engine: Engine, train: data.ShardedBatches) -> cuda_graphs.CapturedStep:
+    """The engine's full-batch step, captured (cuda_graphs.py)."""
+
+    def step(rows: torch.Tensor) -> torch.Tensor:  # one process, full batch: the loss weight is 1
+        xb, yb = train.batch(rows)
+        loss = engine.core.training_step(engine.model(xb), yb)
+        engine.backward(engine._total(loss, bool(engine.alive.all())))
+        engine.optimizer_step()
+        return loss.detach()
+
+    lrs = tuple(lr for group in engine.optimizer.param_groups for lr in group["lr"].tolist())
+    params = engine.model.parameters()
+    shape = (len(engine.core.group_seeds), train.batch_size)
+    members = len(engine.core)
+    return cuda_graphs.CapturedStep(step, shape, members, lrs, params, engine.zero_grad, engine.device)
+
+
+def facts(engine: Engine, train: data.ShardedBatches) -> dict[str, Any]:
+    """World size, device, precision and where each rank ran: gathered from all ranks, for run.json."""
+    per_rank = gather_object([{"host": provenance.host(), "train_samples": train.samples_per_process()}])
+    return {
+        "world_size": engine.world,
+        "distributed_type": str(engine.accelerator.distributed_type).split(".")[-1],
+        "device": str(engine.device),
+        "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+        "precision": engine.accelerator.mixed_precision,
+        # What torch runs with now, after Accelerate's set-up: it must still be the decided count.
+        "threads": {"count": torch.get_num_threads(), "source": engine.threads.source},
+        "hosts": sorted({r["host"] for r in per_rank}),
+        "train_samples_per_process": [r["train_samples"] for r in per_rank],
+    }
+
+
 def evaluate_weights(
     cfg: TrainConfig, state_dict: dict[str, torch.Tensor], train: bool = False
 ) -> dict[str, float]:
     """Loss and accuracy of saved weights on the MNIST test set (train=False), in this one process."""
 
-    def saved_model() -> MnistModel:
-        model = MnistModel(cfg.model.hidden_size)
-        model.load_state_dict(state_dict)
-        return model
+    def saved_model() -> MnistPack:
+        return MnistPack.from_state_dict(state_dict, cfg.model.hidden_size)
 
     engine = Engine(cfg.model_copy(update={"tracker": "none"}), Path("."), saved_model)
     try:
-        metrics = engine.evaluate(engine.batches(engine.load_data(train=train), cfg.val_batch_size))
+        metrics = engine.evaluate(engine.batches(engine.load_data(train=train), cfg.val_batch_size))[0]
     finally:
         engine.close()
     return {"loss": metrics["val_loss"], "acc": metrics["val_acc"], "n_samples": metrics["n_val_samples"]}

@@ -180,6 +180,10 @@ def init_kwargs(cfg: TrainConfig, run_dir: Path, mode: str, run_id: str | None =
             "entity": cfg.wandb.entity,
             # Our own lines are the log; W&B capturing the console would only copy them.
             "settings": {"console": "off", "init_timeout": 60},
+            # A pack's members are one W&B run each, open side by side in one process; so the config
+            # goes to its run here, not through Accelerate (which updates the global wandb.config).
+            "reinit": "create_new",
+            "config": tracker_config(cfg),
         }
         if cfg.sweep is not None:  # one W&B group per sweep, one run per member
             kwargs.update(group=cfg.sweep.name, job_type="sweep", name=cfg.name)
@@ -217,11 +221,14 @@ def entry_metrics(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 class Tracker:
-    """The main process's tracker: started with an offline fallback, each history entry logged once
-    (a resumed run skips the epochs its W&B run already has), finished on every exit path."""
+    """The main process's tracker of one run (one member of a pack): started with an offline
+    fallback, each history entry logged once (a resumed run skips the epochs its W&B run already
+    has), finished on every exit path. The Accelerator builds it; the tracker objects are then kept
+    here, not on the Accelerator, so that each member of a pack has its own."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, accelerator: Any, log: Callable[[str], None]) -> None:
         self.cfg, self.run_dir, self.accelerator, self.warn = cfg, run_dir, accelerator, log
+        self.trackers: list[Any] = []
         self.logged_through = -1  # the last epoch the tracker has
 
     def start(self, run_id: str | None = None) -> dict[str, Any]:
@@ -236,12 +243,7 @@ class Tracker:
             self._say_offline(unreachable)
         for attempt in (mode, "offline") if mode == "online" else (mode,):
             try:
-                self.accelerator.trackers = []
-                self.accelerator.init_trackers(
-                    cfg.wandb.project,
-                    config=tracker_config(cfg),
-                    init_kwargs=init_kwargs(cfg, self.run_dir, attempt, run_id),
-                )
+                self._init(attempt, run_id)
                 info = {**self._info(attempt), **decision}
                 self._define_metrics()
                 self.logged_through = self._last_logged_epoch(info.get("run_id"))
@@ -249,16 +251,31 @@ class Tracker:
             except Exception as e:
                 self.warn(f"warning: {cfg.tracker} tracker ({attempt}) did not start: {e}".splitlines()[0])
                 decision = {**decision, "mode_reason": f"{attempt} start failed"}
-        self.accelerator.trackers = []
-        self.accelerator.log_with = []
+        self.trackers = []
         return {"tracker": "none", "tracker_failed": cfg.tracker}
+
+    def _init(self, mode: str, run_id: str | None) -> None:
+        acc = self.accelerator
+        acc.trackers = []
+        acc.project_configuration.logging_dir = str(self.run_dir / "tensorboard")  # this run's, in a pack
+        try:
+            acc.init_trackers(
+                self.cfg.wandb.project,
+                config=None if self.cfg.tracker == "wandb" else tracker_config(self.cfg),
+                init_kwargs=init_kwargs(self.cfg, self.run_dir, mode, run_id),
+            )
+        finally:
+            self.trackers, acc.trackers = acc.trackers, []
+
+    def _wandb_run(self) -> Any:
+        return next(t.tracker for t in self.trackers if t.name == "wandb")
 
     def _define_metrics(self) -> None:
         """W&B: epoch is the x-axis, and the summary holds the best val_acc and val_loss, so the runs
         table (and a sweep's group) sorts by them rather than by the last value."""
         if self.cfg.tracker != "wandb":
             return
-        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run = self._wandb_run()
         run.define_metric("epoch")
         best = {"val_acc": "max,last", "val_loss": "min,last"}
         for name in ("val_loss", "val_acc", "train_loss", "lr", "phase", "seconds"):
@@ -277,7 +294,7 @@ class Tracker:
     def _info(self, mode: str) -> dict[str, Any]:
         if self.cfg.tracker != "wandb":
             return {"tracker": self.cfg.tracker, "dir": str(self.run_dir / "tensorboard")}
-        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run = self._wandb_run()
         return {"tracker": "wandb", "mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent)}
 
     def _last_logged_epoch(self, run_id: str | None) -> int:
@@ -286,27 +303,28 @@ class Tracker:
         if self.cfg.tracker != "wandb" or run_id is None:
             return -1
         last = last_logged_epoch(self.run_dir, run_id)
-        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        run = self._wandb_run()
         with contextlib.suppress(Exception):
             last = max(last, int(run.summary.get("epoch", -1)))
         return last
 
     def log(self, entry: dict[str, Any]) -> None:
         """Send a history entry, once: epochs the run already has (before a resume) are skipped."""
-        if not self.accelerator.trackers or entry["epoch"] <= self.logged_through:
+        if not self.trackers or entry["epoch"] <= self.logged_through:
             return
         try:
-            self.accelerator.log(entry_metrics(entry), step=entry["epoch"])
+            for tracker in self.trackers:
+                tracker.log(entry_metrics(entry), step=entry["epoch"])
             self.logged_through = entry["epoch"]
         except Exception as e:
             self.warn(f"warning: tracker log failed: {e}".splitlines()[0])
 
     def close(self) -> None:
         """Finish every started tracker (W&B writes its last records here)."""
-        for tracker in self.accelerator.trackers:
+        for tracker in self.trackers:
             with contextlib.suppress(Exception):
                 tracker.finish()
-        self.accelerator.trackers = []
+        self.trackers = []
 
 
 class NullTracker:

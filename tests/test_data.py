@@ -261,9 +261,9 @@ def test_processes_take_disjoint_equal_shares_of_each_global_batch(world: int):
     n = 50_000
     split = data.MnistSplit(torch.zeros(n, 1, dtype=torch.uint8), torch.arange(n))
     shards = [
-        data.ShardedBatches(split, 128, rank=r, world=world, shuffle=True, seed=3) for r in range(world)
+        data.ShardedBatches(split, 128, rank=r, world=world, shuffle=True, seeds=(3,)) for r in range(world)
     ]
-    single = data.ShardedBatches(split, 128, shuffle=True, seed=3)
+    single = data.ShardedBatches(split, 128, shuffle=True, seeds=(3,))
     for s in [*shards, single]:
         s.set_epoch(2)
     steps = list(zip(*shards, strict=True))
@@ -278,12 +278,28 @@ def test_processes_take_disjoint_equal_shares_of_each_global_batch(world: int):
 
 def test_epochs_reshuffle():
     split = data.MnistSplit(torch.zeros(1000, 1, dtype=torch.uint8), torch.arange(1000))
-    batches = data.ShardedBatches(split, 100, shuffle=True, seed=0)
+    batches = data.ShardedBatches(split, 100, shuffle=True, seeds=(0,))
     firsts = []
     for epoch in (1, 2, 1):
         batches.set_epoch(epoch)
         firsts.append(next(iter(batches))[1])
     assert not torch.equal(firsts[0], firsts[1]) and torch.equal(firsts[0], firsts[2])
+
+
+def test_a_packs_groups_each_draw_their_own_seeds_order():
+    """Batches of seeds (3, 5, 3): per group, the same rows a single run of that seed draws."""
+    split = data.MnistSplit(torch.arange(1000, dtype=torch.uint8).view(-1, 1) % 251, torch.arange(1000))
+    pack = data.ShardedBatches(split, 128, shuffle=True, seeds=(3, 5, 3))
+    solos = {seed: data.ShardedBatches(split, 128, shuffle=True, seeds=(seed,)) for seed in (3, 5)}
+    for b in [pack, *solos.values()]:
+        b.set_epoch(4)
+    solo_steps = {seed: list(b) for seed, b in solos.items()}
+    for i, (xs, ys, size) in enumerate(pack):
+        assert len(xs) == len(ys) == 3
+        for x, y, seed in zip(xs, ys, (3, 5, 3), strict=True):
+            sx, sy, ssize = solo_steps[seed][i]
+            assert torch.equal(x, sx) and torch.equal(y, sy) and size == ssize
+    assert not torch.equal(solo_steps[3][0][1], solo_steps[5][0][1])
 
 
 # --- what comes from the network is checked before anything is installed ---------------------------

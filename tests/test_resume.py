@@ -246,33 +246,43 @@ def test_remaining_starts_at_the_first_epoch_not_done():
     from mnist_dist.stopping import ResumePoint
 
     cfg = TrainConfig()  # 5 epochs at 0.5, then 5 at 0.1
-    assert remaining(cfg, Progress(epochs_done=0)) == [Stretch(0, 0.5, 1, 5), Stretch(1, 0.1, 6, 5)]
+    assert remaining([cfg], Progress(epochs_done=0)) == [Stretch(0, (0.5,), 1, 5), Stretch(1, (0.1,), 6, 5)]
     # Stopped in epoch 3 before step 150: epoch 3 resumes there, the next phase starts fresh.
-    assert remaining(cfg, Progress(epochs_done=2, step=150, loss_sum=12.5)) == [
-        Stretch(0, 0.5, 3, 3, ResumePoint(150, 12.5)),
-        Stretch(1, 0.1, 6, 5),
+    assert remaining([cfg], Progress(epochs_done=2, step=150, loss_sum=12.5)) == [
+        Stretch(0, (0.5,), 3, 3, ResumePoint(150, 12.5)),
+        Stretch(1, (0.1,), 6, 5),
     ]
-    assert remaining(cfg, Progress(epochs_done=5, step=7, loss_sum=1.0)) == [
-        Stretch(1, 0.1, 6, 5, ResumePoint(7, 1.0))
+    assert remaining([cfg], Progress(epochs_done=5, step=7, loss_sum=1.0)) == [
+        Stretch(1, (0.1,), 6, 5, ResumePoint(7, 1.0))
     ]
-    assert remaining(cfg, Progress(epochs_done=10)) == []
+    assert remaining([cfg], Progress(epochs_done=10)) == []
+    # A pack: one lr per member in each phase.
+    fast = cfg.model_copy(update={"phases": [p.model_copy(update={"lr": 1.0}) for p in cfg.phases]})
+    assert remaining([cfg, fast], Progress(epochs_done=9)) == [Stretch(1, (0.1, 1.0), 10, 1)]
 
 
-def test_a_loaded_checkpoint_keeps_this_devices_optimizer_kernels(tmp_path: Path):
-    """The optimizer's saved groups carry `foreach` (kernels chosen for the device that saved them);
-    after a load the engine sets this device's choice again, e.g. a CPU checkpoint resumed on a GPU."""
+def test_a_loaded_checkpoint_puts_the_members_lrs_back_on_this_device(tmp_path: Path):
+    """The optimizer's groups carry each member's lr as a tensor; a checkpoint brings the saving
+    device's tensors, and the next fit sets this device's again (a CPU checkpoint resumed on a GPU)."""
+    import torch
+
     from mnist_dist.checkpoint import Progress, folder
     from mnist_dist.config import TrainConfig
     from mnist_dist.engine import Engine
-    from mnist_dist.model import MnistModel
+    from mnist_dist.model import MnistPack
 
-    engine = Engine(TrainConfig(device="cpu", tracker="none"), tmp_path, MnistModel)
+    engine = Engine(
+        TrainConfig(device="cpu", tracker="none"), tmp_path, lambda: MnistPack.seeded([1, 1, 2], 32)
+    )
     try:
-        assert engine.optimizer.param_groups[0]["foreach"] is False
-        engine.optimizer.param_groups[0]["foreach"] = None  # as a checkpoint from elsewhere has it
+        assert [g["lr"].tolist() for g in engine.optimizer.param_groups] == [[0.5, 0.5], [0.5]]
         engine.save_checkpoint(Progress(epochs_done=1), keep=1)
+        engine.set_lrs([0.1, 0.2, 0.3])
         engine.load_checkpoint(folder(tmp_path) / "epoch-0001")
-        assert engine.optimizer.param_groups[0]["foreach"] is False
+        engine.set_lrs([0.1, 0.2, 0.3])
+        groups = engine.optimizer.param_groups
+        assert torch.equal(torch.cat([g["lr"] for g in groups]), torch.tensor([0.1, 0.2, 0.3]))  # float32
+        assert all(g["lr"].device == engine.device for g in groups)
     finally:
         engine.close()
 

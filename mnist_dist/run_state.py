@@ -1,0 +1,309 @@
+"""What a run carries between its steps, for each member of its pack (a single run: a pack of one):
+the history, run.json's facts and status, the run directory's writer and the tracker; and for the
+pack, the progress a checkpoint saves.
+
+A member whose training loss stops being finite is frozen (engine.freeze) and recorded as failed in
+its run.json, as its own run would have ended; the others go on unchanged. Each member's run
+directory ends up as a single run's would: config.yaml, metrics.jsonl, history.json, run.json (with
+the pack it trained in), plots, its own model.safetensors and tracker run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mnist_dist import checkpoint, data, provenance
+from mnist_dist.config import TrainConfig
+from mnist_dist.engine import Engine, EpochResult
+from mnist_dist.engine import facts as engine_facts
+from mnist_dist.errors import UserError
+from mnist_dist.faults import WriteFault
+from mnist_dist.outputs import NullRunDir, RunDir, format_entry, history_entry
+from mnist_dist.ownership import private_dir
+from mnist_dist.stopping import Preempted, ResumePoint
+from mnist_dist.tracking import run_id
+
+
+class Member:
+    """One member's run: its config, run directory, history, run.json facts and tracker."""
+
+    def __init__(self, cfg: TrainConfig, engine: Engine) -> None:
+        self.cfg, self.run_dir = cfg, cfg.run_dir()
+        self.id = cfg.sweep.member if cfg.sweep else cfg.name
+        self.out = RunDir(self.run_dir) if engine.is_main else NullRunDir(self.run_dir)
+        self.info: dict[str, Any] = {"name": cfg.name, "status": "running", "start_time": provenance.now()}
+        self.tracker = engine.tracker(cfg, self.run_dir)
+        self.history: list[dict[str, Any]] = []
+        self.failure: str | None = None
+        self.tracker_run_id: str | None = None
+
+    def record(self, entry: dict[str, Any], say: Callable[[str], None] | None) -> None:
+        """A history entry made known: printed (single runs), appended to metrics.jsonl, logged."""
+        self.history.append(entry)
+        if say is not None:
+            say(format_entry(entry, len(self.cfg.phases)))
+        self.out.append_metrics(entry)
+        self.tracker.log(entry)
+
+    def fail(self, why: str) -> None:
+        """Its loss stopped being finite: the run ends here, as `failed`, with why."""
+        self.failure = why
+        self.end("failed", error=f"FloatingPointError: {why}")
+
+    def end(self, status: str, **facts: Any) -> None:
+        self.info.update(status=status, end_time=provenance.now(), **facts)
+        if (self.run_dir / "config.yaml").exists():
+            with contextlib.suppress(WriteFault):  # the disk that failed may refuse this too
+                self.out.write_run_info(self.info)
+
+
+def pack_fingerprint(cfgs: list[TrainConfig]) -> str:
+    if len(cfgs) == 1:
+        return cfgs[0].fingerprint()
+    return hashlib.sha256(" ".join(cfg.fingerprint() for cfg in cfgs).encode()).hexdigest()
+
+
+class RunState:
+    """The pack's members and the progress its checkpoints save (in `home`)."""
+
+    def __init__(self, cfgs: list[TrainConfig], engine: Engine, home: Path) -> None:
+        self.cfgs, self.engine, self.home = cfgs, engine, home
+        self.members = [Member(cfg, engine) for cfg in cfgs]
+        self.progress = checkpoint.Progress(epochs_done=0)
+        self.started = False
+        self._clock = time.perf_counter()
+
+    @property
+    def packed(self) -> bool:
+        return len(self.members) > 1
+
+    def begin(self, resume: str, force: bool, remaining: Callable[..., list[Any]]) -> list[Any]:
+        """Find the starting point, set up the run directories; return what is left to train."""
+        cfgs, engine = self.cfgs, self.engine
+        fingerprint = pack_fingerprint(cfgs)
+        resume_from, self.progress = checkpoint.starting_point(
+            cfgs, fingerprint, self.home, resume, force, engine.is_main, engine.print
+        )
+        if self.packed and engine.is_main:
+            private_dir(self.home, "pack dir")
+        for member, part in zip(self.members, checkpoint.member_parts(self.progress, len(cfgs)), strict=True):
+            member.history = list(part["history"])
+            member.tracker_run_id = part.get("tracker_run_id")
+            member.failure = part.get("failure")
+            member.out.create(member.history)
+            member.out.write_config(member.cfg)
+        self.started = bool(self.members[0].history)
+        head = f"pack of {len(cfgs)} members, the first " if self.packed else ""
+        engine.print(f"mnist-dist {head}{cfgs[0].name}: resolved config\n{cfgs[0].to_yaml().rstrip()}")
+        todo = remaining(cfgs, self.progress)
+        if resume_from is not None:
+            self._resume(resume_from, done=not todo)
+        return todo
+
+    def _resume(self, path: Path, done: bool) -> None:
+        self.engine.load_checkpoint(path)
+        frozen = [i for i, m in enumerate(self.members) if m.failure is not None]
+        if frozen:
+            self.engine.freeze(frozen)
+        p = self.progress
+        where = f"epoch {p.epochs_done + 1}, step {p.step}" if p.step else f"the end of epoch {p.epochs_done}"
+        self.engine.print(f"resuming from {path} at {where}")
+        for member in self.members:
+            member.info["resumed_from"] = str(path)
+        if done:
+            self.engine.print(
+                f"all {self.cfgs[0].total_epochs} epochs were trained already: nothing to train, outputs are "
+                "written again from the checkpoint (--resume never trains from scratch)"
+            )
+
+    def batches(self) -> tuple[data.ShardedBatches, data.ShardedBatches]:
+        """The seeded 50,000/10,000 split of MNIST's training images, as this process's batches."""
+        cfg, engine = self.cfgs[0], self.engine
+        train, val = data.random_split(engine.load_data(train=True), cfg.data.val_size, cfg.data.split_seed)
+        return engine.batches(train, cfg.batch_size, shuffle=True), engine.batches(val, cfg.val_batch_size)
+
+    def start_tracking(self, train: data.ShardedBatches) -> None:
+        """Provenance into each run.json, the trackers started (the same W&B runs as before a resume)."""
+        facts = {**engine_facts(self.engine, train), "versions": provenance.versions()}
+        facts["git_commit"] = provenance.git_commit()
+        # Each process (or SLURM job) that trained this run, in order: a checkpoint of N processes
+        # resumes on M, and run.json says who trained what.
+        start = self.members[0].info["start_time"]
+        segment = {"world_size": facts["world_size"], "hosts": facts["hosts"], "start_time": start}
+        segment["from"] = {"epochs_done": self.progress.epochs_done, "step": self.progress.step}
+        self.progress.segments = [*self.progress.segments, segment]
+        pack = self._pack_facts()
+        for member in self.members:
+            member.info.update(facts, segments=self.progress.segments, **({"pack": pack} if pack else {}))
+            if member.failure is None:
+                tracking = member.tracker.start(member.tracker_run_id or run_id(member.cfg))
+                member.info["tracking"] = tracking
+                member.tracker_run_id = tracking.get("run_id")
+                for entry in member.history:  # what the tracker may have missed before the interruption
+                    member.tracker.log(entry)
+        threads = facts["threads"]
+        self.engine.print(
+            f"{facts['world_size']} process(es) on {facts['device']}, precision {facts['precision']}, "
+            f"{threads['count']} CPU thread(s) each ({threads['source']}), "
+            + (
+                f"{len(self.members)} members, pack dir {self.home}"
+                if self.packed
+                else f"run dir {self.home}"
+            )
+        )
+        self._clock = time.perf_counter() - self.progress.train_seconds
+
+    def _pack_facts(self) -> dict[str, Any] | None:
+        if not self.packed:
+            return None
+        return {"dir": str(self.home), "size": len(self.members), "members": [m.id for m in self.members]}
+
+    def elapsed(self) -> float:
+        """Seconds of training, counting those before a resume."""
+        return round(time.perf_counter() - self._clock, 4)
+
+    def _say(self) -> Callable[[str], None] | None:
+        return None if self.packed else self.engine.print
+
+    def evaluated(self, metrics: list[dict[str, Any]]) -> None:
+        """Epoch 0: the evaluation before training."""
+        for member, m in zip(self.members, metrics, strict=True):
+            member.record(history_entry(None, 0, None, m, None, self.elapsed()), self._say())
+        self._summary(0)
+
+    def epoch_done(self, phase: int, lrs: tuple[float, ...], result: EpochResult) -> None:
+        """Each live member's history entry (or its failure), and a checkpoint when the cadence (or
+        the last epoch) says so."""
+        entries: list[tuple[Member, dict[str, Any]]] = []
+        failed = []
+        for i, member in enumerate(self.members):
+            if member.failure is not None:
+                continue
+            loss = result.train_loss[i]
+            if not math.isfinite(loss):
+                why = f"training loss is {loss} in phase {phase + 1}, epoch {result.epoch}, lr {lrs[i]:g}"
+                member.fail(why)
+                failed.append(i)
+                continue
+            entries.append(
+                (member, history_entry(phase, result.epoch, lrs[i], result.metrics[i], loss, result.seconds))
+            )
+        if failed:
+            self.engine.freeze(failed)
+        if not entries:  # nobody left: the run ends as its last member failed
+            raise FloatingPointError(self.members[(failed or [0])[-1]].failure or "every member failed")
+        self.progress.train_seconds = time.perf_counter() - self._clock
+        every, epoch = self.cfgs[0].checkpoint.every_epochs, result.epoch
+        if every and (epoch % every == 0 or epoch == self.cfgs[0].total_epochs):
+            self.save(epoch, pending=entries)
+        for member, entry in entries:
+            member.record(entry, self._say())
+        self._summary(epoch)
+
+    def _summary(self, epoch: int) -> None:
+        """A pack prints one line an epoch, not one per member."""
+        if not self.packed:
+            return
+        live = [m.history[-1] for m in self.members if m.failure is None and m.history]
+        if not live:
+            return
+        accs = [e["val_acc"] for e in live]
+        failed = sum(m.failure is not None for m in self.members)
+        self.engine.print(
+            f"Epoch [{epoch}], {len(live)} members, val_acc {min(accs):.4f} .. {max(accs):.4f}"
+            + (f", {failed} failed" if failed else "")
+            + (f"  ({live[0]['seconds']:.2f}s)" if epoch else "  (before training)")
+        )
+
+    def save(self, epochs_done: int, at: ResumePoint = ResumePoint(), pending: Any = ()) -> None:
+        """A checkpoint of the whole pack: its position and every member's history (with `pending`,
+        this epoch's entries not yet recorded)."""
+        extra = {id(m): [e] for m, e in pending}
+        self.progress.stand_at(epochs_done, at if self.packed else _one(at))
+        parts = [
+            {
+                "id": m.id,
+                "history": m.history + extra.get(id(m), []),
+                "tracker_run_id": m.tracker_run_id,
+                "failure": m.failure,
+            }
+            for m in self.members
+        ]
+        checkpoint.set_member_parts(self.progress, parts)
+        self.engine.save_checkpoint(self.progress, self.cfgs[0].checkpoint.keep)
+
+    def finish(self) -> tuple[list[list[dict[str, Any]]], list[str | None]]:
+        """The finished runs' files: history, weights, plots, run.json; failed members keep theirs."""
+        seconds = self.elapsed()
+        for i, member in enumerate(self.members):
+            if member.failure is not None:
+                continue
+            member.info["train_seconds"] = seconds
+            member.out.write_history(member.history)
+            member.out.save_weights(self.engine.state_dict(i), member.cfg)
+            member.out.plot(member.history)
+            member.info.update(status="completed", end_time=provenance.now())
+            member.out.write_run_info(member.info)
+        last = self.members[0].history[-1] if self.members[0].history else None
+        if not self.packed and last is not None:
+            acc = last["val_acc"]
+            self.engine.print(
+                f"done in {seconds:.2f}s of training; final val_acc {acc:.4f}; run dir {self.home}"
+            )
+        elif self.packed:
+            done = sum(m.failure is None for m in self.members)
+            self.engine.print(
+                f"pack done in {seconds:.2f}s of training: {done} of {len(self.members)} members"
+            )
+        return [m.history for m in self.members], [m.failure for m in self.members]
+
+    def ended(self, e: BaseException) -> None:
+        """The run ends by an exception: Preempted saves and says so; a failure in that save, or any
+        other exception, is recorded as the end of each member's run."""
+        try:
+            if isinstance(e, Preempted):
+                self.stopped(e)
+        except BaseException as err:
+            self.failed(err)
+            raise
+        self.failed(e)
+        if isinstance(e, WriteFault):
+            e.last_checkpoint = checkpoint.newest_sound(self.home)
+
+    def stopped(self, p: Preempted) -> None:
+        """A requested stop: save where training stands, mid-epoch, and say so in run.json."""
+        self.progress.train_seconds = time.perf_counter() - self._clock
+        self.save(p.epoch - 1, p.at)
+        self.engine.print(
+            f"stopped on request in epoch {p.epoch} before step {p.at.step}; checkpoint saved in "
+            f"{checkpoint.folder(self.home) / self.progress.name}"
+        )
+        for member in self.members:
+            if member.info["status"] == "running":
+                member.end("preempted", stopped_at={"epoch": p.epoch, "step": p.at.step})
+
+    def failed(self, e: BaseException) -> None:
+        """Ctrl-C (`interrupted`) or any other error (`failed`) in run.json, once the run directory
+        has its config; a no-op after a stop that was saved (status `preempted`)."""
+        if isinstance(e, UserError):  # bad input changes nothing
+            return
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        for member in self.members:
+            if member.info["status"] == "running":
+                member.end(status, error=f"{type(e).__name__}: {e}")
+
+    def close(self) -> None:
+        for member in self.members:
+            member.tracker.close()
+
+
+def _one(at: ResumePoint) -> ResumePoint:
+    """A single run's checkpoint keeps its loss sum as one number (as written before packs)."""
+    sums = at.loss_sum
+    return ResumePoint(at.step, sums[0] if isinstance(sums, list) else sums)
