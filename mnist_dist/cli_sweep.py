@@ -1,6 +1,7 @@
 """`mnist-dist sweep`: many runs of one config over swept keys, on this machine or as a SLURM job array.
 
-mnist-dist sweep run configs/sweeps/lr-seeds.yaml                   # -> runs/sweeps/lr-seeds
+mnist-dist sweep run configs/sweeps/lr-seeds.yaml                   # -> runs/sweeps/lr-seeds, packed
+mnist-dist sweep run configs/sweeps/lr-seeds.yaml --pack off        # one member after another
 mnist-dist sweep submit configs/sweeps/lr-seeds.yaml --partition cpu --members-per-task 8
 mnist-dist sweep status runs/sweeps/lr-seeds        # or the array's job id
 mnist-dist sweep results runs/sweeps/lr-seeds       # the table; results.json, results.csv, plots
@@ -43,6 +44,24 @@ def load_members(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[
 
 
 Yes = Annotated[bool, Opt("--yes", help="Run a grid of more than 1,000 members.")]
+PackMode = Annotated[
+    str,
+    Opt(
+        "--pack",
+        help="auto: train compatible members together as one stacked model per process (packs); "
+        "off: one member after another.",
+    ),
+]
+MaxPack = Annotated[
+    int | None, Opt("--max-pack", help="Most members in one pack (default: what memory holds, at most 1024).")
+]
+
+
+def check_pack(pack: str, max_pack: int | None) -> None:
+    if pack not in ("auto", "off"):
+        raise UserError(f"--pack {pack!r}: use auto or off")
+    if max_pack is not None and not 1 <= max_pack <= 1024:
+        raise UserError(f"--max-pack {max_pack}: from 1 to 1024")
 
 
 @sweep_app.command("run")
@@ -51,13 +70,18 @@ def run(
     spec: Spec,
     yes: Yes = False,
     retry_failed: Annotated[bool, Opt(help="Train members that failed before again.")] = False,
+    pack: PackMode = "auto",
+    max_pack: MaxPack = None,
     **opts: Any,
 ) -> None:
-    """Train every member on this machine, one after another (finished ones are skipped)."""
+    """Train every member on this machine: packs of members, one process per CPU (finished members
+    are skipped)."""
     from mnist_dist import datafiles, sweep_results, sweeps
     from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
-    from mnist_dist.sweep_run import run_members
+    from mnist_dist.sweep_run import PackProcessFailed, run_members
+    from mnist_dist.threads import usable_cpus
 
+    check_pack(pack, max_pack)
     parsed, root, found = load_members(spec, opts, yes)
     for note in parsed.notes:
         print(f"note: {note}")
@@ -68,13 +92,30 @@ def run(
     stop = StopFlag(found[0].cfg.checkpoint.stop_check_steps)
     stop_on_signals(stop)
     try:
-        counts = run_members(found, stop, retry_failed=retry_failed)
+        counts = run_members(found, stop, print, retry_failed, pack, max_pack, workers=usable_cpus())
     except Preempted as e:
         print(f"error: {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(75) from None
+    except PackProcessFailed as e:
+        print(f"error: {e}; run the same command again to resume", file=sys.stderr)
+        raise typer.Exit(e.code) from None
     results = sweep_results.write(root)
     print(sweep_results.format_table(results), end="")
     print(", ".join(f"{n} {what}" for what, n in counts.items()) + f"; results in {root}/results.json")
+
+
+@sweep_app.command("pack", hidden=True)
+def pack_command(pack_dir: Annotated[Path, typer.Argument(help="A pack dir (SWEEP/packs/pack-*).")]) -> None:
+    """One pack of a sweep in this process: what `sweep run` starts, one process per pack."""
+    from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
+    from mnist_dist.sweep_run import read_pack, train_pack_dir
+
+    stop = StopFlag(read_pack(pack_dir)[0].checkpoint.stop_check_steps)
+    stop_on_signals(stop)
+    try:
+        train_pack_dir(pack_dir, stop)
+    except Preempted:
+        raise typer.Exit(75) from None
 
 
 @sweep_app.command("results")
@@ -141,13 +182,17 @@ def submit(
         bool, Opt(help="Allow a node-local sweep dir (/tmp...): one-machine clusters.")
     ] = False,
     yes: Yes = False,
+    pack: PackMode = "auto",
+    max_pack: MaxPack = None,
     dry_run: Annotated[bool, Opt(help="Print the sbatch script and the packs; submit nothing.")] = False,
     as_json: Annotated[bool, Opt("--json", help='Print {"job_id": ..., "sweep_dir": ...} only.')] = False,
     **opts: Any,
 ) -> None:
-    """Submit the members as one SLURM job array: each task trains a pack of members in turn."""
+    """Submit the members as one SLURM job array: each task trains its members as one pack (or one
+    after another with --pack off)."""
     from mnist_dist import slurm, sweep_slurm
 
+    check_pack(pack, max_pack)
     parsed, root, found = load_members(spec, opts, yes)
     sopts = slurm.SlurmOptions(
         partition=partition,
@@ -162,7 +207,8 @@ def submit(
         allow_local=allow_local,
     )
     log = (lambda *_: None) if as_json else print
-    out = sweep_slurm.submit(parsed, root, found, sopts, members_per_task, array_parallelism, dry_run, log)
+    packing = sweep_slurm.Packing(pack, max_pack, members_per_task)
+    out = sweep_slurm.submit(parsed, root, found, sopts, packing, array_parallelism, dry_run, log)
     if dry_run:
         print(out)
     elif as_json:

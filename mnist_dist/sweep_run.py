@@ -1,22 +1,50 @@
-"""Training a sweep's members one after another in this process: `mnist-dist sweep run`, and each task
-of a `sweep submit` job array.
+"""Training a sweep's members on this machine (`mnist-dist sweep run`) and in each task of a
+`sweep submit` job array.
 
-Each member is `run.run(member config)`, exactly as `mnist-dist train` runs it (its own lock, resume
-from its own checkpoints, its own W&B run). Finished (and failed) members are skipped, so running the
-same sweep again trains only what is left; a member that fails (NaN, a bad value for its lr) is
-recorded as failed in its run.json and the next one starts. A requested stop (SIGUSR2/SIGTERM, the
-drill) ends the whole pack after the current member saved its checkpoint; so does a full disk (it
-is the other members' disk too).
+`pack="auto"` (the default) trains compatible members together as packs (packs.py): one stacked model
+per process, each member still its own run (run.run_pack). With several workers (locally: one per
+usable CPU) the packs run as separate processes at once, `mnist-dist sweep pack PACK_DIR`, each with
+one thread and no communication. `pack="off"` trains the members one after another in this process,
+each exactly as `mnist-dist train` runs it.
+
+Finished (and failed) members are skipped, so running the same sweep again trains only what is left;
+a member whose loss stops being finite is recorded as failed in its run.json and the others go on.
+A requested stop (SIGUSR2/SIGTERM, the drill) ends every pack after it saved its checkpoint; so does a
+full disk (it is the other members' disk too).
 """
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
+from mnist_dist import packs
+from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
-from mnist_dist.stopping import StopFlag
+from mnist_dist.stopping import Preempted, ResumePoint, StopFlag
 from mnist_dist.sweeps import Member, member_state
+
+
+class PacksStopped(Preempted):
+    """A stop reached the pack processes; each saved its checkpoint."""
+
+    def __init__(self, count: int) -> None:
+        Exception.__init__(self, f"stopped on request ({count} pack process(es) saved their checkpoints)")
+        self.epoch, self.at = 0, ResumePoint()
+
+
+class PackProcessFailed(Exception):
+    """A pack process ended with an error (its own lines say which); `code` is its exit code."""
+
+    def __init__(self, code: int, pack: Path) -> None:
+        super().__init__(f"the pack in {pack} ended with exit code {code} (its lines above say why)")
+        self.code = code
 
 
 def run_members(
@@ -24,31 +52,113 @@ def run_members(
     stop: StopFlag | None = None,
     log: Callable[[str], Any] = print,
     retry_failed: bool = False,
+    pack: str = "auto",
+    max_pack: int | None = None,
+    workers: int = 1,
 ) -> dict[str, int]:
     """Train what is left of `members`; return how many were trained, skipped, failed or in use."""
-    from mnist_dist.run import run  # torch: once the members are known good
-
     counts = {"trained": 0, "skipped": 0, "failed": 0, "in use": 0}
+    todo = []
     for member in members:
         state = member_state(member.run_dir)
         if state == "done" or (state == "failed" and not retry_failed):
             counts["skipped"] += 1
-            continue
-        if state == "running":
+        elif state == "running":
             counts["in use"] += 1
             log(f"member {member.id}: being trained elsewhere; skipped")
-            continue
-        log(f"member {member.id}: {_describe(member.params)}")
-        try:
-            run(member.cfg, resume="auto", stop=stop)
-            counts["trained"] += 1
-        except FloatingPointError as e:
-            counts["failed"] += 1
-            log(f"member {member.id} failed: training diverged: {e}")
-        except UserError as e:  # another writer took it between the check and the run, a bad checkpoint
-            counts["in use" if "being written by another run" in str(e) else "failed"] += 1
-            log(f"member {member.id}: {e}")
+        else:
+            todo.append(member)
+    planned = [[m] for m in todo] if pack == "off" else packs.plan(todo, workers, max_pack)
+    if len(planned) > 1 and workers > 1 and pack != "off":
+        _in_processes(planned, workers, stop, log)
+    else:
+        for group in planned:
+            _train(group, stop, log)
+    for member in todo:
+        state = member_state(member.run_dir)
+        counts[{"done": "trained", "failed": "failed", "running": "in use"}.get(state, "failed")] += 1
     return counts
+
+
+def _train(group: list[Member], stop: StopFlag | None, log: Callable[[str], Any]) -> None:
+    """One pack in this process (a pack of one: the member's own run)."""
+    from mnist_dist.run import run, run_pack  # torch: once the members are known good
+
+    try:
+        if len(group) == 1:
+            log(f"member {group[0].id}: {_describe(group[0].params)}")
+            run(group[0].cfg, resume="auto", stop=stop)
+        else:
+            log(f"pack of {len(group)}: " + " ".join(m.id for m in group))
+            run_pack([m.cfg for m in group], write_pack(group), stop=stop)
+    except FloatingPointError as e:
+        log(f"member {group[0].id} failed: training diverged: {e}")
+    except UserError as e:  # another writer took it between the check and the run, a bad checkpoint
+        log(f"{' '.join(m.id for m in group)}: {e}")
+
+
+def write_pack(group: list[Member]) -> Path:
+    """The pack's dir, with members.json: the configs `mnist-dist sweep pack DIR` trains."""
+    from mnist_dist.atomic import write_atomic
+    from mnist_dist.ownership import private_dir
+
+    root = group[0].run_dir.parent.parent  # SWEEP/members/<id>
+    where = packs.pack_dir(root, group)
+    private_dir(where.parent, "sweep dir")
+    private_dir(where, "pack dir")
+    configs = [m.cfg.model_dump(mode="json") for m in group]
+    write_atomic(where / packs.MEMBERS_FILE, json.dumps(configs, indent=1) + "\n")
+    return where
+
+
+def read_pack(where: Path) -> list[TrainConfig]:
+    try:
+        raw = json.loads((where / packs.MEMBERS_FILE).read_text())
+        return [TrainConfig.model_validate(c) for c in raw]
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{where} is not a pack dir ({packs.MEMBERS_FILE}: {e})".splitlines()[0]) from None
+
+
+def train_pack_dir(where: Path, stop: StopFlag) -> None:
+    """`mnist-dist sweep pack DIR`: the pack that DIR describes, in this process."""
+    from mnist_dist.run import run_pack
+
+    run_pack(read_pack(where), where, stop=stop)
+
+
+def _in_processes(planned: list[list[Member]], workers: int, stop: StopFlag | None, log: Callable) -> None:
+    """The packs as `workers` processes at a time; a stop is passed on to them (SIGUSR2)."""
+    waiting = [write_pack(group) for group in planned]
+    running: dict[Path, subprocess.Popen] = {}
+    stopped, failure = 0, None
+    while waiting or running:
+        asked = stop is not None and stop.requested
+        while waiting and len(running) < workers and not asked and failure is None:
+            where = waiting.pop(0)
+            log(f"pack {where.name}: {len(read_pack(where))} members, a process of its own")
+            running[where] = subprocess.Popen(
+                [sys.executable, "-m", "mnist_dist.cli", "sweep", "pack", str(where)]
+            )
+        for where, proc in list(running.items()):
+            if asked:
+                proc.send_signal(signal.SIGUSR2)
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[where]
+            if code == 75:
+                stopped += 1
+            elif code == 130:
+                raise KeyboardInterrupt
+            elif code != 0 and failure is None:
+                failure = PackProcessFailed(code, where)
+        if asked and not running:
+            break
+        time.sleep(0.1)
+    if failure is not None:
+        raise failure
+    if stopped or (stop is not None and stop.requested):
+        raise PacksStopped(stopped)
 
 
 def _describe(params: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """A sweep on SLURM: one job array through submitit (`executor.batch()`, `array_parallelism`), each array
-task training a pack of members one after another, so 64 two-second members are not 64 jobs.
+task training its members as one pack (one stacked model, packs.py; `--pack off`: one member after
+another), so 64 two-second members are not 64 jobs.
 
-A preempted or timed-out task saves the member it was training and is requeued alone (USR2, as
-`submit` does); its finished members are skipped and the interrupted one resumes from its checkpoint.
+A preempted or timed-out task saves its pack (or the member it was training) and is requeued alone
+(USR2, as `submit` does); its finished members are skipped and the rest resume from the checkpoint.
 A member that fails is recorded as failed and the task goes on. `sweep status` reads the members'
 run dirs and Slurm's view of each task (squeue, then scontrol): no accounting needed.
 """
@@ -15,24 +16,36 @@ import re
 import subprocess
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mnist_dist import slurm
+from mnist_dist import packs, slurm
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 from mnist_dist.provenance import now
 from mnist_dist.sweeps import MANIFEST, Member, Spec, member_state, read_manifest, write_manifest
 
 STATES = ("pending", "running", "done", "failed", "stopped")
-TASK_MINUTE_S = 60.0  # the default pack trains about this long: Slurm's scheduling cost stays small
+TASK_MINUTE_S = 60.0  # the default task trains about this long: Slurm's scheduling cost stays small
+PACKED_MEMBER_EPOCH_S = 0.15  # a member-epoch of the seed config in a pack, one CPU thread (bench/)
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How the members go into tasks: `pack` auto|off, `max_pack`, `per_task` (None: a minute's worth)."""
+
+    pack: str = "auto"
+    max_pack: int | None = None
+    per_task: int | None = None
 
 
 class SweepTask:
     """The callable every array task runs: its pack of members in turn (sweep_run.run_members)."""
 
-    def __init__(self, configs: list[dict[str, Any]]) -> None:
+    def __init__(self, configs: list[dict[str, Any]], pack: str = "auto") -> None:
         self.configs = configs  # plain data: the pickle submitit writes holds no framework objects
+        self.pack = pack
 
     def __call__(self) -> dict[str, int]:
         import submitit
@@ -51,7 +64,7 @@ class SweepTask:
         stop = StopFlag(cfgs[0].checkpoint.stop_check_steps)
         requeue = stop_on_signals(stop)  # submitit's checkpoint-and-requeue handler
         try:
-            return run_members(members, stop)
+            return run_members(members, stop, pack=self.pack, max_pack=len(members))
         except Preempted as e:
             saved = f"{members[0].run_dir.parent}/<member>/checkpoints"
             slurm.requeue_or_exit(e, job, cfgs[0].max_requeues, requeue, saved, "sweep submit")
@@ -60,13 +73,28 @@ class SweepTask:
         """What submitit requeues: the same pack; the members' state is in their checkpoints."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(SweepTask(self.configs))
+        return submitit.helpers.DelayedSubmission(SweepTask(self.configs, self.pack))
 
 
-def default_pack(cfg: TrainConfig) -> int:
+def default_per_task(cfg: TrainConfig, packed: bool) -> int:
     """Members per task so that a task trains about a minute: a member of the seed config takes a
-    few seconds on a CPU (about half a second an epoch, plus start-up)."""
+    few seconds on a CPU (about half a second an epoch, plus start-up), or in a pack about 0.15 s an
+    epoch."""
+    if packed:
+        return max(1, math.ceil(TASK_MINUTE_S / (PACKED_MEMBER_EPOCH_S * cfg.total_epochs)))
     return max(1, math.ceil(TASK_MINUTE_S / (2.0 + 0.5 * cfg.total_epochs)))
+
+
+def tasks(todo: list[Member], packing: Packing) -> list[list[Member]]:
+    """The members of each array task: with packs, compatible members (one seed's together), as
+    even as the per-task size allows; else in order."""
+    if packing.pack == "off":
+        per = packing.per_task or default_per_task(todo[0].cfg, packed=False) if todo else 1
+        return [todo[i : i + per] for i in range(0, len(todo), per)]
+    cap = min(
+        packing.per_task or default_per_task(todo[0].cfg, packed=True), packing.max_pack or packs.MAX_PACK
+    )
+    return packs.plan(todo, max_pack=cap) if todo else []
 
 
 def submit(
@@ -74,7 +102,7 @@ def submit(
     root: Path,
     members: list[Member],
     opts: slurm.SlurmOptions,
-    per_task: int | None,
+    packing: Packing,
     parallelism: int,
     dry_run: bool = False,
     log: Any = print,
@@ -82,22 +110,22 @@ def submit(
     """Preflight, stage the data, submit the packs of unfinished members as one array."""
     from mnist_dist import datafiles
 
-    if per_task is not None and not 1 <= per_task <= 100_000:
-        raise UserError(f"--members-per-task {per_task}: from 1 to 100000")
+    if packing.per_task is not None and not 1 <= packing.per_task <= 100_000:
+        raise UserError(f"--members-per-task {packing.per_task}: from 1 to 100000")
     if not 1 <= parallelism <= 100_000:
         raise UserError(f"--array-parallelism {parallelism}: from 1 to 100000")
     root = root.absolute()
     slurm.preflight(opts, members[0].cfg, root)
     todo = [m for m in members if member_state(m.run_dir) not in ("done", "failed", "running")]
-    per = per_task or default_pack(members[0].cfg)
-    packs = [todo[i : i + per] for i in range(0, len(todo), per)]
+    groups = tasks(todo, packing)
     ex = slurm.executor(opts, root / "submitit")
     ex.update_parameters(array_parallelism=parallelism)
     if dry_run:
-        lines = [f"# array of {len(packs)} task(s) (%{parallelism} at once), {per} member(s) per task:"]
-        lines += [f"#   task {i}: " + " ".join(m.id for m in pack) for i, pack in enumerate(packs)]
+        how = "one pack each" if packing.pack == "auto" else "one member after another"
+        lines = [f"# array of {len(groups)} task(s) (%{parallelism} at once), {how}:"]
+        lines += [f"#   task {i}: " + " ".join(m.id for m in group) for i, group in enumerate(groups)]
         return slurm.sbatch_script(ex).rstrip() + "\n" + "\n".join(lines)
-    if not packs:
+    if not groups:
         raise UserError(
             f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"
         )
@@ -105,20 +133,20 @@ def submit(
         datafiles.prepare(data_dir, members[0].cfg.data.source, log=log)  # compute nodes never download
     write_manifest(root, spec, members)
     slurm.private_dirs(root)
-    configs = [[_job_config(m) for m in pack] for pack in packs]
+    configs = [[_job_config(m) for m in group] for group in groups]
     try:
         with ex.batch():
-            jobs = [ex.submit(SweepTask(c)) for c in configs]
+            jobs = [ex.submit(SweepTask(c, packing.pack)) for c in configs]
     except Exception as e:  # sbatch refused: its message is the useful part
         raise UserError(f"sbatch refused the array: {str(e).strip().splitlines()[-1]}") from None
     array_id = str(jobs[0].job_id).split("_")[0]
-    record = {"job_id": array_id, "tasks": [[m.id for m in p] for p in packs], "submitted_at": now()}
+    record = {"job_id": array_id, "tasks": [[m.id for m in g] for g in groups], "submitted_at": now()}
     manifest = read_manifest(root)
     write_manifest(root, spec, members, jobs=[*manifest.get("jobs", []), record])
     from mnist_dist.jobs import remember
 
     remember(slurm.Submission(array_id, str(root), str(root / "submitit"), opts.partition, 1, 1, spec.name))
-    return {"job_id": array_id, "tasks": len(packs)}
+    return {"job_id": array_id, "tasks": len(groups)}
 
 
 def _job_config(member: Member) -> dict[str, Any]:

@@ -225,6 +225,10 @@ def members(
     if len(combos) > CONFIRM_ABOVE and not confirm:
         raise UserError(f"sweep {spec.name} has {len(combos):,} members; pass --yes to run that many")
     base = raw_config(spec.base, overrides, sets)
+    # One CPU thread per member unless the sweep says otherwise: a sweep uses cores through processes
+    # (packs.py), and one thread makes a member's numbers the same in a pack of any size, and equal
+    # to `mnist-dist train --config members/<id>/config.yaml`.
+    base.setdefault("threads", 1)
     out, seen = [], set()
     for index, params in enumerate(combos, 1):
         raw = json.loads(json.dumps(base))
