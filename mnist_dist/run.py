@@ -116,6 +116,8 @@ def run_pack(
             )
             for result in fit:
                 state.epoch_done(stretch.phase, stretch.lrs, result)
+                if state.all_failed:  # a pack whose every member failed: nothing left to train
+                    return state.finish()
         return state.finish()
     except BaseException as e:
         state.ended(e)  # a requested stop saves a checkpoint; anything else is recorded in run.json

@@ -83,6 +83,10 @@ class RunState:
     def packed(self) -> bool:
         return len(self.members) > 1
 
+    @property
+    def all_failed(self) -> bool:
+        return all(m.failure is not None for m in self.members)
+
     def begin(self, resume: str, force: bool, remaining: Callable[..., list[Any]]) -> list[Any]:
         """Find the starting point, set up the run directories; return what is left to train."""
         cfgs, engine = self.cfgs, self.engine
@@ -196,8 +200,8 @@ class RunState:
             )
         if failed:
             self.engine.freeze(failed)
-        if not entries:  # nobody left: the run ends as its last member failed
-            raise FloatingPointError(self.members[(failed or [0])[-1]].failure or "every member failed")
+        if not entries and not self.packed:  # a single run ends as its member failed
+            raise FloatingPointError(self.members[0].failure)
         self.progress.train_seconds = time.perf_counter() - self._clock
         every, epoch = self.cfgs[0].checkpoint.every_epochs, result.epoch
         if every and (epoch % every == 0 or epoch == self.cfgs[0].total_epochs):
@@ -215,8 +219,9 @@ class RunState:
             return
         accs = [e["val_acc"] for e in live]
         failed = sum(m.failure is not None for m in self.members)
+        span = f"val_acc {min(accs):.4f} .. {max(accs):.4f}"
         self.engine.print(
-            f"Epoch [{epoch}], {len(live)} members, val_acc {min(accs):.4f} .. {max(accs):.4f}"
+            f"{self.home.name}: Epoch [{epoch}], {len(live)} members, {span}"
             + (f", {failed} failed" if failed else "")
             + (f"  ({live[0]['seconds']:.2f}s)" if epoch else "  (before training)")
         )
@@ -259,7 +264,7 @@ class RunState:
         elif self.packed:
             done = sum(m.failure is None for m in self.members)
             self.engine.print(
-                f"pack done in {seconds:.2f}s of training: {done} of {len(self.members)} members"
+                f"{self.home.name}: done in {seconds:.2f}s of training: {done} of {len(self.members)} members"
             )
         return [m.history for m in self.members], [m.failure for m in self.members]
 

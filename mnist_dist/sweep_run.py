@@ -123,7 +123,12 @@ def train_pack_dir(where: Path, stop: StopFlag) -> None:
     """`mnist-dist sweep pack DIR`: the pack that DIR describes, in this process."""
     from mnist_dist.run import run_pack
 
-    run_pack(read_pack(where), where, stop=stop)
+    cfgs = read_pack(where)
+    # A pack of one is its member's own run: its checkpoints in its run dir, a failure in its run.json.
+    try:
+        run_pack(cfgs, where if len(cfgs) > 1 else None, stop=stop)
+    except FloatingPointError as e:
+        print(f"member {cfgs[0].name} failed: training diverged: {e}", flush=True)
 
 
 def _in_processes(planned: list[list[Member]], workers: int, stop: StopFlag | None, log: Callable) -> None:

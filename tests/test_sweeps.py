@@ -11,11 +11,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from mnist_dist import sweeps, wandb_file
+from mnist_dist import packs, sweeps, wandb_file
 
 from conftest import ROOT, SHORT_PHASES, load_json, ok, run_cli, run_history
 
@@ -228,9 +229,9 @@ def test_sweep_submit_is_one_array_and_a_preempted_task_is_requeued_alone(
     assert sub["sweep_dir"] == str(root)
     tasks = load_json(root / "sweep.json")["jobs"][0]["tasks"]
     assert [len(t) for t in tasks] == [2, 2], "4 members, 2 per task: one array of 2 tasks"
-    # Preempt task 1 while it trains its second member (its first is done).
-    second = root / "members" / tasks[1][1] / "metrics.jsonl"
-    _until(lambda: (root / "members" / tasks[1][0] / "history.json").is_file() and second.is_file())
+    # Each task trains its 2 members as one pack; preempt task 1 after its pack's first checkpoint.
+    pack = packs.pack_dir(root, [SimpleNamespace(id=m) for m in tasks[1]])
+    _until(lambda: (pack / "checkpoints" / "epoch-0001").is_dir())
     subprocess.run(["scancel", "--signal=USR2", f"{job}_1"], check=True)
 
     def requeued() -> bool:
@@ -247,14 +248,19 @@ def test_sweep_submit_is_one_array_and_a_preempted_task_is_requeued_alone(
 
     _until(all_done, every=1)
     log = next((root / "submitit").glob(f"{job}_1_0_log.out")).read_text()
-    assert "restart 1" in log and f"resuming from {root}/members/{tasks[1][1]}/checkpoints" in log
+    assert "restart 1" in log and f"resuming from {pack}/checkpoints" in log
     assert "resuming" not in next((root / "submitit").glob(f"{job}_0_0_log.out")).read_text()
+    for member in tasks[1]:
+        info = load_json(root / "members" / member / "run.json")
+        assert info["pack"] == {"dir": str(pack), "size": 2, "members": tasks[1]}
+        assert [s["world_size"] for s in info["segments"]] == [1, 1], "trained, stopped, requeued"
     for member in [m for t in tasks for m in t]:
         runs = [wandb_file.read_wandb_run(f) for f in wandb_file.wandb_run_files(root / "members" / member)]
         assert {r["group"] for r in runs} == {"tiny"} and {r["job_type"] for r in runs} == {"sweep"}
         assert {r["id"] for r in runs} == {f"tiny-{member}"}, "one W&B run per member, across the requeue"
         assert sorted(row["epoch"] for r in runs for row in r["history"]) == [0, 1, 2, 3]
     synced = ok(run_cli("sync", root, "--dry-run", env=slurm_env)).stdout.splitlines()
-    assert len(synced) == 5 and all("/members/" in line for line in synced), "every member's W&B runs"
+    # 4 members, and the 2 of the preempted pack have a second offline folder (the same W&B run id).
+    assert len(synced) == 6 and all("/members/" in line for line in synced), "every member's W&B runs"
     results = ok(run_cli("sweep", "results", root, "--json", env=slurm_env))
     assert [r["status"] for r in json.loads(results.stdout)["members"]] == ["done"] * 4
