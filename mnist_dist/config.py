@@ -156,7 +156,7 @@ class TrainConfig(_Strict):
         return resolve_data_dir(self.data.dir)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
 
     def fingerprint(self) -> str:
         """Hash of what decides the numbers (not where they are written), for checkpoints."""
@@ -256,11 +256,17 @@ _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 # YAML 1.2 floats too: YAML 1.1 wants a dot and a signed exponent, so `lr: 1e-3` would be a string.
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_1_2, list("-+0123456789."))
+
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.1 or _Loader would read as something else (`no`, or a member
+    id such as 61770e5363, a float to YAML 1.2), so config.yaml reads back the same anywhere."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_1_2, list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:

@@ -45,6 +45,21 @@ def test_config_round_trips_through_yaml(tmp_path: Path):
     assert load_config(path) == cfg
 
 
+def test_strings_that_read_as_numbers_round_trip(tmp_path: Path):
+    """A sweep member id is 10 hex digits: 61770e5363 is a float to YAML 1.2 (read as inf), and `no`
+    a boolean to YAML 1.1; config.yaml quotes both, so the member's config reads back as written."""
+    import yaml
+
+    sweep = {"name": "lr", "member": "61770e5363", "params": {"seed": 1}}
+    base = load_config(None, {"precision": "no"})
+    cfg = type(base).model_validate({**base.model_dump(), "sweep": sweep})
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+    plain = yaml.safe_load(path.read_text())
+    assert plain["sweep"]["member"] == "61770e5363" and plain["precision"] == "no"
+
+
 def test_on_off_yes_no_stay_words(tmp_path: Path):
     """YAML 1.1 (PyYAML's default) reads off/no/on as booleans; the schema's choices are those words."""
     path = tmp_path / "c.yaml"
