@@ -81,12 +81,18 @@ def stale_after() -> float:
     return value
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name: [state, ppid, ...]; [] when unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
 def _process_start(pid: int) -> str | None:
     """The start time of pid in clock ticks since boot (/proc), to tell a reused pid from its holder."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None
 
 
 def _alive(pid: int, started: str | None) -> bool:
@@ -96,6 +102,8 @@ def _alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
+    if _stat(pid)[:1] == ["Z"]:  # killed, not yet reaped by its parent: it holds nothing
+        return False
     return started is None or _process_start(pid) in (None, started)
 
 
