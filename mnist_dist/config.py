@@ -260,7 +260,6 @@ FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_1_2, list("-+0123456789."))
 
 
-
 class _Dumper(yaml.SafeDumper):
     """Quotes every string that YAML 1.1 or _Loader would read as something else (`no`, or a member
     id such as 61770e5363, a float to YAML 1.2), so config.yaml reads back the same anywhere."""

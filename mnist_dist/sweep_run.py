@@ -3,9 +3,10 @@
 
 `pack="auto"` (the default) trains compatible members together as packs (packs.py): one stacked model
 per process, each member still its own run (run.run_pack). With several workers (locally: one per
-usable CPU) the packs run as separate processes at once, `mnist-dist sweep pack PACK_DIR`, each with
-one thread and no communication. `pack="off"` trains the members one after another in this process,
-each exactly as `mnist-dist train` runs it.
+usable CPU, or one per GPU when the members train on GPUs) the packs run as separate processes at
+once, `mnist-dist sweep pack PACK_DIR`, each with one thread (or its own GPU) and no communication.
+`pack="off"` trains the members one after another in this process, each exactly as `mnist-dist train`
+runs it.
 
 Finished (and failed) members are skipped, so running the same sweep again trains only what is left;
 a member whose loss stops being finite is recorded as failed in its run.json and the others go on.
@@ -16,6 +17,7 @@ full disk (it is the other members' disk too).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -55,8 +57,10 @@ def run_members(
     pack: str = "auto",
     max_pack: int | None = None,
     workers: int = 1,
+    gpus: list[str] | None = None,
 ) -> dict[str, int]:
-    """Train what is left of `members`; return how many were trained, skipped, failed or in use."""
+    """Train what is left of `members`, in packs of up to `max_pack` by `workers` processes at once
+    (with `gpus`, one GPU each); return how many were trained, skipped, failed or in use."""
     counts = {"trained": 0, "skipped": 0, "failed": 0, "in use": 0}
     todo = []
     for member in members:
@@ -70,7 +74,7 @@ def run_members(
             todo.append(member)
     planned = [[m] for m in todo] if pack == "off" else packs.plan(todo, workers, max_pack)
     if len(planned) > 1 and workers > 1 and pack != "off":
-        _in_processes(planned, workers, stop, log)
+        _in_processes(planned, workers, stop, log, gpus or [])
     else:
         for group in planned:
             _train(group, stop, log)
@@ -78,6 +82,21 @@ def run_members(
         state = member_state(member.run_dir)
         counts[{"done": "trained", "failed": "failed", "running": "in use"}.get(state, "failed")] += 1
     return counts
+
+
+def local_workers(cfg: TrainConfig) -> tuple[int, list[str]]:
+    """(packs at once on this machine, the GPU of each slot): one per GPU when the members train on
+    GPUs (device auto or cuda, and GPUs visible), else one per usable CPU and no GPUs."""
+    from mnist_dist.threads import usable_cpus
+
+    if cfg.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+            return len(gpus), gpus
+    return usable_cpus(), []
 
 
 def _train(group: list[Member], stop: StopFlag | None, log: Callable[[str], Any]) -> None:
@@ -131,26 +150,32 @@ def train_pack_dir(where: Path, stop: StopFlag) -> None:
         print(f"member {cfgs[0].name} failed: training diverged: {e}", flush=True)
 
 
-def _in_processes(planned: list[list[Member]], workers: int, stop: StopFlag | None, log: Callable) -> None:
-    """The packs as `workers` processes at a time; a stop is passed on to them (SIGUSR2)."""
+def _in_processes(
+    planned: list[list[Member]], workers: int, stop: StopFlag | None, log: Callable, gpus: list[str]
+) -> None:
+    """The packs as `workers` processes at a time (each on its own GPU when there are `gpus`); a stop
+    is passed on to them (SIGUSR2)."""
     waiting = [write_pack(group) for group in planned]
-    running: dict[Path, subprocess.Popen] = {}
+    running: dict[Path, tuple[subprocess.Popen, int]] = {}
+    free = list(range(workers))
     stopped, failure = 0, None
     while waiting or running:
         asked = stop is not None and stop.requested
         while waiting and len(running) < workers and not asked and failure is None:
-            where = waiting.pop(0)
-            log(f"pack {where.name}: {len(read_pack(where))} members, a process of its own")
-            running[where] = subprocess.Popen(
-                [sys.executable, "-m", "mnist_dist.cli", "sweep", "pack", str(where)]
-            )
-        for where, proc in list(running.items()):
+            where, slot = waiting.pop(0), free.pop(0)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[slot]} if gpus else None
+            on = f" on GPU {gpus[slot]}" if gpus else ""
+            log(f"pack {where.name}: {len(read_pack(where))} members, a process of its own{on}")
+            command = [sys.executable, "-m", "mnist_dist.cli", "sweep", "pack", str(where)]
+            running[where] = (subprocess.Popen(command, env=env), slot)
+        for where, (proc, slot) in list(running.items()):
             if asked:
                 proc.send_signal(signal.SIGUSR2)
             code = proc.poll()
             if code is None:
                 continue
             del running[where]
+            free.append(slot)
             if code == 75:
                 stopped += 1
             elif code == 130:
