@@ -5,7 +5,9 @@
 #                                            submitit hidden as on the lent machine: checks the plumbing
 #                                            before device time is spent on it (tests/test_bench.py)
 # 1. the seed run with CUDA graphs and without (same history?), 2. bf16 and fp16 runs,
-# 3. bench/run.py --device cuda: mnist-dist, the bare loop, Lightning and the tutorial, alternating.
+# 3. bench/run.py --device cuda: mnist-dist, the bare loop, Lightning and the tutorial, alternating,
+# 4. packed members: 1,024 (32 lrs x 32 seeds) as one pack on the GPU against one member alone
+#    (bench/sweep.py; the rehearsal: tiny.yaml's 4 members on the CPU).
 # Device time is scarce, so a stage that fails is logged to OUT_DIR/failures.txt and the next one runs;
 # the exit status is the number of failed stages.
 set -uo pipefail
@@ -97,6 +99,13 @@ if [ -n "$rehearse" ]; then
 else
   stage "benchmark" 330 "$py" bench/run.py --device cuda --reps 3 --seeds 3 --no-two-processes \
     --only "mnist-dist,bare loop,lightning,tutorial" --data-dir "$data" --out "$out"
+fi
+if [ -n "$rehearse" ]; then
+  stage "packed members" 120 "$py" bench/sweep.py --device cpu --quick --only packed,one --data-dir "$data" \
+    --out "$out"
+else
+  stage "packed members" 300 "$py" bench/sweep.py --device cuda --spec configs/sweeps/gpu-1024.yaml \
+    --max-pack 1024 --reps 1 --only packed,one --data-dir "$data" --out "$out"
 fi
 echo "$failed stage(s) failed"
 exit "$failed"

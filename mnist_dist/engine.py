@@ -226,7 +226,6 @@ class Engine:
         train: data.ShardedBatches,
         val: data.ShardedBatches,
         *,
-        phase: int,
         first_epoch: int,
         resume_at: ResumePoint = ResumePoint(),
     ) -> Iterator[EpochResult]:

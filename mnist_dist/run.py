@@ -110,7 +110,6 @@ def run_pack(
                 list(stretch.lrs),
                 train,
                 val,
-                phase=stretch.phase,
                 first_epoch=stretch.first_epoch,
                 resume_at=stretch.resume_at,
             )

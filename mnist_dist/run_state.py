@@ -100,6 +100,8 @@ class RunState:
             member.history = list(part["history"])
             member.tracker_run_id = part.get("tracker_run_id")
             member.failure = part.get("failure")
+            if member.failure is not None:  # failed before this checkpoint: its run.json says so
+                member.info["status"] = "failed"
             member.out.create(member.history)
             member.out.write_config(member.cfg)
         self.started = bool(self.members[0].history)

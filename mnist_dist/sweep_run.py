@@ -61,6 +61,7 @@ def run_members(
 ) -> dict[str, int]:
     """Train what is left of `members`, in packs of up to `max_pack` by `workers` processes at once
     (with `gpus`, one GPU each); return how many were trained, skipped, failed or in use."""
+    members = list(members)
     counts = {"trained": 0, "skipped": 0, "failed": 0, "in use": 0}
     todo = []
     for member in members:
@@ -72,7 +73,12 @@ def run_members(
             log(f"member {member.id}: being trained elsewhere; skipped")
         else:
             todo.append(member)
-    planned = [[m] for m in todo] if pack == "off" else packs.plan(todo, workers, max_pack)
+    if pack == "off":
+        planned = [[m] for m in todo]
+    else:  # packs that were stopped part-way go on as they were; the other members are planned anew
+        planned = [] if retry_failed else resumable(members, todo)  # a retry starts failed members anew
+        started = {m.id for group in planned for m in group}
+        planned += packs.plan([m for m in todo if m.id not in started], workers, max_pack)
     if len(planned) > 1 and workers > 1 and pack != "off":
         _in_processes(planned, workers, stop, log, gpus or [])
     else:
@@ -82,6 +88,26 @@ def run_members(
         state = member_state(member.run_dir)
         counts[{"done": "trained", "failed": "failed", "running": "in use"}.get(state, "failed")] += 1
     return counts
+
+
+def resumable(members: Iterable[Member], todo: list[Member]) -> list[list[Member]]:
+    """The sweep's packs that have a checkpoint and members still to train, with all their members
+    (those that failed in them come back frozen from the checkpoint): the same members find it again."""
+    from mnist_dist.checkpoint import candidates
+
+    by_id = {m.id: m for m in members}
+    left = {m.id for m in todo}
+    found = []
+    roots = {m.run_dir.parent.parent for m in todo}
+    for where in sorted(p for root in roots for p in (root / packs.PACKS_DIR).glob("pack-*")):
+        try:
+            ids = [c.sweep.member if c.sweep else "" for c in read_pack(where)]
+        except UserError:
+            continue
+        if len(ids) > 1 and set(ids) <= by_id.keys() and left & set(ids) and candidates(where):
+            found.append([by_id[i] for i in ids])
+            left -= set(ids)
+    return found
 
 
 def local_workers(cfg: TrainConfig) -> tuple[int, list[str]]:

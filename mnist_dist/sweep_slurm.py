@@ -66,7 +66,12 @@ class SweepTask:
         try:
             return run_members(members, stop, pack=self.pack, max_pack=len(members))
         except Preempted as e:
-            saved = f"{members[0].run_dir.parent}/<member>/checkpoints"
+            root = members[0].run_dir.parent.parent
+            saved = (
+                f"{root}/packs/<pack>/checkpoints"
+                if self.pack == "auto"
+                else f"{root}/members/<member>/checkpoints"
+            )
             slurm.requeue_or_exit(e, job, cfgs[0].max_requeues, requeue, saved, "sweep submit")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:

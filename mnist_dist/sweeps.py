@@ -225,10 +225,12 @@ def members(
     if len(combos) > CONFIRM_ABOVE and not confirm:
         raise UserError(f"sweep {spec.name} has {len(combos):,} members; pass --yes to run that many")
     base = raw_config(spec.base, overrides, sets)
-    # One CPU thread per member unless the sweep says otherwise: a sweep uses cores through processes
-    # (packs.py), and one thread makes a member's numbers the same in a pack of any size, and equal
-    # to `mnist-dist train --config members/<id>/config.yaml`.
-    base.setdefault("threads", 1)
+    # `threads: auto` (the default, and seed.yaml's) is one CPU thread in a sweep: a sweep uses the
+    # cores through processes (packs.py), one per CPU, and one thread makes a member's numbers the
+    # same in a pack of any size and equal to `mnist-dist train --config members/<id>/config.yaml`.
+    # A number of threads set in the base, the options or the parameters is kept.
+    if base.get("threads", "auto") == "auto":
+        base["threads"] = 1
     out, seen = [], set()
     for index, params in enumerate(combos, 1):
         raw = json.loads(json.dumps(base))

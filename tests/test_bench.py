@@ -77,3 +77,9 @@ def test_gpu_script_rehearses_on_cpu_without_wandb_or_submitit(tmp_path: Path, d
     assert runs["graphs_vs_eager_max_diff_train_loss"] == 0.0
     results = json.loads((tmp_path / "results.json").read_text())
     assert list(results["contenders"]) == ["mnist-dist", "bare loop"]
+    # The packed-members stage: tiny.yaml's 4 members as packs against one member alone.
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["members"] == 4 and set(sweep["medians"]) == {"packed", "one"}
+    assert [r["members"] for r in sweep["runs"]["packed"]] == [4]
+    assert all(v > 0 for row in sweep["medians"].values() for v in row.values())
+    assert "packed training / one member's training" in {t["what"] for t in sweep["targets"]}

@@ -157,7 +157,9 @@ def test_a_nan_member_is_frozen_and_failed_alone(alone: dict[str, Path], tmp_pat
 def test_kill_9_of_a_packed_sweep_and_rerun_gives_the_same_members(
     alone: dict[str, Path], tmp_path: Path, data_env
 ):
-    spec, out = spec_file(tmp_path), tmp_path / "s"
+    """2 packs of 3 in 2 processes, each with a member that fails in epoch 1 (NAN_SPEC): the rerun takes
+    up both packs from their checkpoints, the failed members frozen as they were."""
+    spec, out = spec_file(tmp_path, NAN_SPEC), tmp_path / "s"
     first = subprocess.Popen(
         sweep_command(spec, out),
         stdout=subprocess.DEVNULL,
@@ -174,9 +176,12 @@ def test_kill_9_of_a_packed_sweep_and_rerun_gives_the_same_members(
     first.wait()
     assert not all((d / "history.json").exists() for d in member_dirs(out).values()), "killed mid-way"
     again = ok(sweep(spec, out, data_env))
-    assert "resuming from" in again.stdout and "4 trained" in again.stdout
-    for member, reference in alone.items():
-        assert_bitwise(member_dirs(out)[member], reference)
+    assert again.stdout.count("resuming from") == 2 and "4 trained" in again.stdout
+    for member, run_dir in member_dirs(out).items():
+        if member in alone:
+            assert_bitwise(run_dir, alone[member])
+        else:
+            assert load_json(run_dir / "run.json")["status"] == "failed"
 
 
 def test_a_two_process_pack_equals_the_one_process_pack(tmp_path: Path, data_env: dict[str, str]):
@@ -228,6 +233,9 @@ def test_plan_packs_compatible_members_with_one_seeds_together(tmp_path: Path):
     grid = SPEC.replace("[0, 1]", "[0, 1, 2, 3]")  # 2 lrs x 4 seeds
     found = _members(tmp_path, grid)
     assert all(m.cfg.threads == 1 for m in found), "sweep members train with one thread"
+    based = _members(tmp_path, f"base: {ROOT}/configs/seed.yaml\n" + grid)  # it says threads: auto
+    assert all(m.cfg.threads == 1 for m in based)
+    assert {m.cfg.threads for m in _members(tmp_path, grid, ["threads=2"])} == {2}, "unless set"
     two = packs.plan(found, workers=2)
     assert [len(p) for p in two] == [4, 4]
     assert [[m.cfg.seed for m in p] for p in two] == [[0, 0, 1, 1], [2, 2, 3, 3]]
