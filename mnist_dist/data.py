@@ -138,9 +138,11 @@ class ShardedBatches:
         if isinstance(rows, slice):
             return images[rows].float().div_(255), labels[rows]
         # index_select, not images[rows]: advanced indexing costs several times more per call on a CPU.
+        if rows.shape[0] == 1:
+            return images.index_select(0, rows[0]).float().div_(255), labels.index_select(0, rows[0])
         xs = [images.index_select(0, r).float().div_(255) for r in rows]
         ys = [labels.index_select(0, r) for r in rows]
-        return (xs[0], ys[0]) if len(xs) == 1 else (xs, ys)
+        return xs, ys
 
     def __iter__(self) -> Iterator[tuple[Any, Any, int]]:
         for rows, size in self.indices():

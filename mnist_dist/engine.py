@@ -98,9 +98,10 @@ def _step_functions(accelerator: Accelerator, optimizer: Any) -> tuple[Callable,
     what they wrap; with one, they scale, unscale and skip steps, so keep them.
     """
     plain = optimizer.scaler is None and accelerator.distributed_type != DistributedType.XLA
-    stepper = optimizer.optimizer if plain else optimizer
     backward = torch.Tensor.backward if plain else accelerator.backward
-    return stepper.step, functools.partial(stepper.zero_grad, set_to_none=True), backward
+    if plain:  # MemberSGD's step and zero_grad without torch.optim's hooks and profiler records
+        return optimizer.optimizer.update, optimizer.optimizer.clear, backward
+    return optimizer.step, functools.partial(optimizer.zero_grad, set_to_none=True), backward
 
 
 def _progress_bar(train: data.ShardedBatches, epoch: int, progress: str, is_main: bool) -> Any:
@@ -151,7 +152,7 @@ class Engine:
         set_seed(cfg.seed)  # before the model is built: its initial weights follow the seed
         model = build_model()
         lrs = [torch.full((size,), cfg.phases[0].lr) for size in model.sizes]
-        optimizer = MemberSGD([list(group.parameters()) for group in model.groups], lrs)
+        optimizer = MemberSGD(model.member_parameters(), lrs)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.core: MnistPack = self.accelerator.unwrap_model(self.model)  # its steps, its members
         self.alive = torch.ones(len(self.core), dtype=torch.bool, device=self.device)
@@ -285,7 +286,10 @@ class Engine:
 
     def _total(self, losses: torch.Tensor, everyone: bool) -> torch.Tensor:
         """The sum of the members' losses: d total / d loss_i = 1 exactly, so each member's gradient
-        is its own loss's. Frozen members are left out (where, not a 0 factor: 0 x NaN is NaN)."""
+        is its own loss's. Frozen members are left out (where, not a 0 factor: 0 x NaN is NaN). A
+        single run's loss is 0-d: itself."""
+        if losses.dim() == 0:
+            return losses
         return (losses if everyone else torch.where(self.alive, losses, 0.0)).sum()
 
     def _loss_sum(

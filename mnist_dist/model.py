@@ -4,9 +4,11 @@ and the same model stacked N times (a pack: the members of a sweep trained as on
 Pure nn: no devices, ranks, precision or trackers. The engine calls the (possibly wrapped) module for
 the logits, then these steps for the loss, so distributed wrappers see every forward pass.
 
-Every run trains an MnistPack; a single run is a pack of one. MnistModel is the member's own form:
-how its weights are initialised (a member of seed s starts exactly where a run of seed s starts) and
-the layout of model.safetensors (nn.Linear's keys, loadable without this package).
+Every run trains an MnistPack; a single run is a pack of one, which is an MnistModel itself (its
+nn.Linear layers, its state dict keys: the checkpoints of single runs are what they always were).
+MnistModel is also the member's own form: how its weights are initialised (a member of seed s starts
+exactly where a run of seed s starts) and the layout of model.safetensors (nn.Linear's keys, loadable
+without this package).
 """
 
 from __future__ import annotations
@@ -36,16 +38,18 @@ class _Group(nn.Module):
 
     def __init__(self, members: list[MnistModel]) -> None:
         super().__init__()
-        # [k, in, out] and [k, 1, out]: x @ w1 + b1 is torch.baddbmm(b1, x, w1) for every member at once.
-        self.w1 = nn.Parameter(torch.stack([m.linear1.weight.detach().t() for m in members]).contiguous())
-        self.b1 = nn.Parameter(torch.stack([m.linear1.bias.detach()[None] for m in members]).contiguous())
-        self.w2 = nn.Parameter(torch.stack([m.linear2.weight.detach().t() for m in members]).contiguous())
-        self.b2 = nn.Parameter(torch.stack([m.linear2.bias.detach()[None] for m in members]).contiguous())
+        # nn.Linear's [out, in] weights stacked, [k, 1, out] biases: x @ w.T + b for every member at
+        # once is torch.baddbmm(b, x, w.transpose(1, 2)), per member the gemm F.linear runs.
+        self.w1 = nn.Parameter(torch.stack([m.linear1.weight.detach() for m in members]))
+        self.b1 = nn.Parameter(torch.stack([m.linear1.bias.detach()[None] for m in members]))
+        self.w2 = nn.Parameter(torch.stack([m.linear2.weight.detach() for m in members]))
+        self.b2 = nn.Parameter(torch.stack([m.linear2.bias.detach()[None] for m in members]))
 
     def forward(self, xb: torch.Tensor) -> torch.Tensor:
         xb = xb.reshape(-1, INPUT_SIZE)
         xs = xb.expand(self.w1.shape[0], *xb.shape)
-        return torch.baddbmm(self.b2, F.relu(torch.baddbmm(self.b1, xs, self.w1)), self.w2)
+        hidden = F.relu(torch.baddbmm(self.b1, xs, self.w1.transpose(1, 2)))
+        return torch.baddbmm(self.b2, hidden, self.w2.transpose(1, 2))
 
 
 class MnistPack(nn.Module):
@@ -62,8 +66,11 @@ class MnistPack(nn.Module):
         super().__init__()
         self.seeds = list(seeds)
         self.group_seeds, self.sizes = _runs(self.seeds)
+        self.single = len(members) == 1
+        if self.single:  # MnistModel's own layers, so its state dict is a single run's as it always was
+            self.linear1, self.linear2 = members[0].linear1, members[0].linear2
         groups, start = [], 0
-        for size in self.sizes:
+        for size in [] if self.single else self.sizes:
             groups.append(_Group(members[start : start + size]))
             start += size
         self.groups = nn.ModuleList(groups)
@@ -87,8 +94,18 @@ class MnistPack(nn.Module):
     def __len__(self) -> int:
         return len(self.seeds)
 
+    def member_parameters(self) -> list[list[nn.Parameter]]:
+        """The parameters of each group (dimension 0 the member; a single run's: its own)."""
+        if self.single:
+            return [[*self.linear1.parameters(), *self.linear2.parameters()]]
+        return [list(group.parameters()) for group in self.groups]
+
     def forward(self, xb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Logits [N, B, 10]: `xb` one batch for every member, or one batch per group."""
+        """Logits [N, B, 10]: `xb` one batch for every member, or one batch per group. A single run's
+        are [B, 10], and its steps below return 0-d values: fewer autograd nodes, the same numbers."""
+        if self.single:  # F.linear: per member the gemm of a group's batched matmul
+            assert not isinstance(xb, list)
+            return self.linear2(F.relu(self.linear1(xb.reshape(-1, INPUT_SIZE))))
         inputs = xb if isinstance(xb, list) else [xb] * len(self.groups)
         outs = [group(x) for group, x in zip(self.groups, inputs, strict=True)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -106,24 +123,31 @@ class MnistPack(nn.Module):
         return flat.view(labels.shape)
 
     def training_step(self, outputs: torch.Tensor, yb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Each member's mean cross-entropy over its batch, as in the tutorial: [N]."""
+        """Each member's mean cross-entropy over its batch, as in the tutorial: [N] (0-d: single)."""
+        if self.single:  # the same reduction of the same row as a member's in a pack
+            return F.cross_entropy(outputs.float(), yb, reduction="none").mean()
         return self._losses(outputs, yb).mean(dim=1)
 
     def validation_step(
         self, outputs: torch.Tensor, yb: torch.Tensor | list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per member (summed loss, number correct), [N] each: sums, so the mean over all samples is
-        exact for any sharding."""
+        """Per member (summed loss, number correct), [N] each (0-d: single): sums, so the mean over
+        all samples is exact for any sharding."""
+        if self.single:
+            loss = F.cross_entropy(outputs.float(), yb, reduction="none").sum()
+            return loss, (outputs.argmax(dim=1) == yb).sum()
         correct = (outputs.argmax(dim=2) == self.member_labels(yb)).sum(dim=1)
         return self._losses(outputs, yb).sum(dim=1), correct
 
     def member_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s weights as MnistModel's state dict (nn.Linear layout)."""
+        if self.single:
+            return {k: v for k, v in self.state_dict().items() if k.startswith("linear")}
         group, at = self._locate(index)
         return {
-            "linear1.weight": group.w1[at].t(),
+            "linear1.weight": group.w1[at],
             "linear1.bias": group.b1[at, 0],
-            "linear2.weight": group.w2[at].t(),
+            "linear2.weight": group.w2[at],
             "linear2.bias": group.b2[at, 0],
         }
 
