@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The benchmark on one GPU, in under 5 minutes:
+# The benchmark on one GPU, in about 5 minutes, and the packed-members stage, up to 5 more:
 #   bash bench/gpu.sh [OUT_DIR]              (MNIST in $MNIST_DIST_DATA_DIR or ./data; PYTHON picks the interpreter)
+#   bash bench/gpu.sh OUT_DIR --packed       only stage 4 (a second device call when one call's limit is short)
 #   bash bench/gpu.sh OUT_DIR --rehearse     the same stages on this CPU, short (no fp16), with wandb and
 #                                            submitit hidden as on the lent machine: checks the plumbing
 #                                            before device time is spent on it (tests/test_bench.py)
@@ -14,6 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-bench/results-gpu}
 rehearse=$([ "${2:-}" = "--rehearse" ] && echo 1 || echo "")
+packed_only=$([ "${2:-}" = "--packed" ] && echo 1 || echo "")
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 data=${MNIST_DIST_DATA_DIR:-data}
 device=$([ -n "$rehearse" ] && echo cpu || echo cuda)
@@ -59,6 +61,11 @@ else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 stage "data" 60 "$py" -m mnist_dist.cli data prepare --data-dir "$data" || exit 1
+if [ -n "$packed_only" ]; then
+  stage "packed members" 400 "$py" bench/sweep.py --device cuda --spec configs/sweeps/gpu-1024.yaml \
+    --max-pack 1024 --reps 1 --only packed,one --data-dir "$data" --out "$out"
+  exit $?
+fi
 runs=(graphs eager bf16)
 stage "seed run, CUDA graphs" 60 "${train[@]}" --output-dir "$tmp/graphs"
 stage "seed run, eager" 60 "${train[@]}" --set cuda_graphs=off --output-dir "$tmp/eager"

@@ -6,7 +6,9 @@
 #   export PYTHONPATH=/tmp/site:$PWD MNIST_DIST_DATA_DIR=/tmp/data PYTHONUNBUFFERED=1
 #   mkdir -p /tmp/data/MNIST/raw; for f in .gpu/mnist/*.gz; do gunzip -c $f > /tmp/data/MNIST/raw/$(basename $f .gz); done
 #   set -o pipefail; timeout 540 bash bench/gpu.sh $OUT 2>&1 | tee $OUT/log.txt
-# Then copy $OUT into bench/results-gpu/ and put the table in the README.
+# Then copy $OUT into bench/results-gpu/ and put the table in the README. The packed-members stage
+# (1,024 members on the GPU) may not fit in the same call: `timeout 540 bash bench/gpu.sh $OUT --packed`
+# in a second call runs it alone (sweep.json, SWEEP.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
