@@ -25,7 +25,8 @@ from mnist_dist.threads import usable_cpus
 from conftest import ROOT, SHORT_PHASES, accelerate_launch, env_with, load_json, ok, run_cli, run_history
 from test_train import assert_same_history
 
-# lr 1.5 is the chaotic regime: a rounding difference of 1e-8 grows to 0.1 in val_loss there.
+# lr 1.5 is the chaotic regime: the rounding difference between 1 and 2 processes grows to 0.3 in
+# val_loss within an epoch there, so only bitwise equality passes.
 SPEC = """
 name: packs
 method: grid
