@@ -297,12 +297,14 @@ class Engine:
     ) -> torch.Tensor:
         """Per member, the epoch's step losses so far, summed in float64 on the device, with those
         before `start`."""
-        if graph is not None:
-            losses.append(graph.take_loss_sum())
         n = len(self.core)
-        total = torch.stack(losses).double().sum(0) if losses else torch.zeros(n, dtype=torch.float64)
         before = torch.tensor(start.loss_sum, dtype=torch.float64).reshape(-1).expand(n)
-        return total.to(self.device) + before.to(self.device)
+        total = before.to(self.device)
+        if losses:  # [steps, members] (a single run's losses are 0-d)
+            total = total + torch.stack(losses).double().reshape(len(losses), -1).sum(0)
+        if graph is not None:
+            total = total + graph.take_loss_sum()
+        return total
 
     def _stop_agreed(self, epoch: int, step: int) -> bool:
         """True on every process once any process was asked to stop."""
