@@ -112,15 +112,19 @@ def resumable(members: Iterable[Member], todo: list[Member]) -> list[list[Member
 
 def local_workers(cfg: TrainConfig) -> tuple[int, list[str]]:
     """(packs at once on this machine, the GPU of each slot): one per GPU when the members train on
-    GPUs (device auto or cuda, and GPUs visible), else one per usable CPU and no GPUs."""
+    GPUs (device auto or cuda, and GPUs visible), else one per usable CPU and no GPUs. The GPUs are
+    found without importing torch: this parent only starts the pack processes, and torch would add
+    half a GiB to it for the whole sweep."""
     from mnist_dist.threads import usable_cpus
 
     if cfg.device != "cpu":
-        import torch
-
-        if torch.cuda.is_available():
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            gpus = [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
+        else:
+            driver = Path("/proc/driver/nvidia/gpus")
+            gpus = [str(i) for i in range(len(list(driver.iterdir())))] if driver.is_dir() else []
+        if gpus:
             return len(gpus), gpus
     return usable_cpus(), []
 
