@@ -155,6 +155,9 @@ class Engine:
         optimizer = MemberSGD(model.member_parameters(), lrs)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.core: MnistPack = self.accelerator.unwrap_model(self.model)  # its steps, its members
+        # A GPU needs a pack's members in one batched matmul per product; on a CPU each member makes
+        # its own products, bitwise its run alone (member_linear.py).
+        self.core.batched = self.device.type == "cuda" and len(self.core) > 1
         self.alive = torch.ones(len(self.core), dtype=torch.bool, device=self.device)
         self.optimizer_step, self.zero_grad, self.backward = _step_functions(self.accelerator, self.optimizer)
         self.graphs = cuda_graphs.StepGraphs(cuda_graphs.applies(cfg, self.device, self.world), self.print)
@@ -286,10 +289,7 @@ class Engine:
 
     def _total(self, losses: torch.Tensor, everyone: bool) -> torch.Tensor:
         """The sum of the members' losses: d total / d loss_i = 1 exactly, so each member's gradient
-        is its own loss's. Frozen members are left out (where, not a 0 factor: 0 x NaN is NaN). A
-        single run's loss is 0-d: itself."""
-        if losses.dim() == 0:
-            return losses
+        is its own loss's. Frozen members are left out (where, not a 0 factor: 0 x NaN is NaN)."""
         return (losses if everyone else torch.where(self.alive, losses, 0.0)).sum()
 
     def _loss_sum(
@@ -300,8 +300,8 @@ class Engine:
         n = len(self.core)
         before = torch.tensor(start.loss_sum, dtype=torch.float64).reshape(-1).expand(n)
         total = before.to(self.device)
-        if losses:  # [steps, members] (a single run's losses are 0-d)
-            total = total + torch.stack(losses).double().reshape(len(losses), -1).sum(0)
+        if losses:  # [steps, members]
+            total = total + torch.stack(losses).double().sum(0)
         if graph is not None:
             total = total + graph.take_loss_sum()
         return total
@@ -387,6 +387,7 @@ def facts(engine: Engine, train: data.ShardedBatches) -> dict[str, Any]:
         "distributed_type": str(engine.accelerator.distributed_type).split(".")[-1],
         "device": str(engine.device),
         "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
+        "cpu": provenance.cpu(),  # the main process's: its kernels are what a bitwise claim holds for
         "precision": engine.accelerator.mixed_precision,
         # What torch runs with now, after Accelerate's set-up: it must still be the decided count.
         "threads": {"count": torch.get_num_threads(), "source": engine.threads.source},

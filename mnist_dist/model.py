@@ -4,18 +4,21 @@ and the same model stacked N times (a pack: the members of a sweep trained as on
 Pure nn: no devices, ranks, precision or trackers. The engine calls the (possibly wrapped) module for
 the logits, then these steps for the loss, so distributed wrappers see every forward pass.
 
-Every run trains an MnistPack; a single run is a pack of one, which is an MnistModel itself (its
-nn.Linear layers, its state dict keys: the checkpoints of single runs are what they always were).
-MnistModel is also the member's own form: how its weights are initialised (a member of seed s starts
-exactly where a run of seed s starts) and the layout of model.safetensors (nn.Linear's keys, loadable
-without this package).
+Every run trains an MnistPack; a single run is a pack of one, through the same code. MnistModel is
+the member's own form: how its weights are initialised (a member of seed s starts exactly where a
+run of seed s starts) and the layout of model.safetensors (nn.Linear's keys, loadable without this
+package).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mnist_dist.member_linear import member_linear
 
 INPUT_SIZE = 28 * 28
 NUM_CLASSES = 10
@@ -33,50 +36,44 @@ class MnistModel(nn.Module):
 
 
 class _Group(nn.Module):
-    """Members that see the same input batch (the same seed, so the same data order): one batched
-    matmul per layer over them, the input broadcast (a stride-0 view, not a copy)."""
+    """Members that see the same input batch (the same seed, so the same data order), their weights
+    stacked in nn.Linear's layout: w [k, out, in], b [k, out] per layer (member_linear.py)."""
 
     def __init__(self, members: list[MnistModel]) -> None:
         super().__init__()
-        # nn.Linear's [out, in] weights stacked, [k, 1, out] biases: x @ w.T + b for every member at
-        # once is torch.baddbmm(b, x, w.transpose(1, 2)), per member the gemm F.linear calls, with the
-        # same transposed operand. Stored [k, in, out] it is 20 % faster, but the gemm then differs from
-        # F.linear's in the last bit for batches of fewer than 16 rows (a 2-process share of the last
-        # validation batch).
         self.w1 = nn.Parameter(torch.stack([m.linear1.weight.detach() for m in members]))
-        self.b1 = nn.Parameter(torch.stack([m.linear1.bias.detach()[None] for m in members]))
+        self.b1 = nn.Parameter(torch.stack([m.linear1.bias.detach() for m in members]))
         self.w2 = nn.Parameter(torch.stack([m.linear2.weight.detach() for m in members]))
-        self.b2 = nn.Parameter(torch.stack([m.linear2.bias.detach()[None] for m in members]))
+        self.b2 = nn.Parameter(torch.stack([m.linear2.bias.detach() for m in members]))
 
-    def forward(self, xb: torch.Tensor) -> torch.Tensor:
-        xb = xb.reshape(-1, INPUT_SIZE)
-        xs = xb.expand(self.w1.shape[0], *xb.shape)
-        hidden = F.relu(torch.baddbmm(self.b1, xs, self.w1.transpose(1, 2)))
-        return torch.baddbmm(self.b2, hidden, self.w2.transpose(1, 2))
+    def forward(self, xb: torch.Tensor, batched: bool) -> torch.Tensor:
+        hidden = F.relu(member_linear(xb.reshape(-1, INPUT_SIZE), self.w1, self.b1, batched))
+        return member_linear(hidden, self.w2, self.b2, batched)
 
 
 class MnistPack(nn.Module):
     """N members of MnistModel, each with its own weights; consecutive members with the same seed
-    form a group that shares one input batch.
+    form a group that shares one input batch. A single run is a pack of one.
 
-    A member's arithmetic is the same whatever else is in the pack: a batched matmul computes each
-    member's product with the same single-matrix kernel, and every other op is elementwise or reduces
-    within one member. On a CPU with one thread this makes a member bitwise equal to its pack of one
-    (tests/test_packs.py); with more threads a batched matmul splits its work differently.
+    A member's arithmetic is the same whatever else is in the pack: member_linear makes each
+    member's products with the calls F.linear would make for it alone, and every other op is
+    elementwise or reduces within one member (a row of the loss, a member's sum). On a CPU with one
+    thread this makes a member bitwise its pack of one, and a pack of one F.linear's own run
+    (tests/test_member_linear.py). `batched` (set by the engine on a GPU) trades that for one batched
+    matmul per product over each group.
     """
 
     def __init__(self, members: list[MnistModel], seeds: list[int]) -> None:
         super().__init__()
         self.seeds = list(seeds)
         self.group_seeds, self.sizes = _runs(self.seeds)
-        self.single = len(members) == 1
-        if self.single:  # MnistModel's own layers, so its state dict is a single run's as it always was
-            self.linear1, self.linear2 = members[0].linear1, members[0].linear2
+        self.batched = False
         groups, start = [], 0
-        for size in [] if self.single else self.sizes:
+        for size in self.sizes:
             groups.append(_Group(members[start : start + size]))
             start += size
         self.groups = nn.ModuleList(groups)
+        self.register_load_state_dict_pre_hook(_older_layouts)
 
     @classmethod
     def seeded(cls, seeds: list[int], hidden_size: int) -> MnistPack:
@@ -98,19 +95,13 @@ class MnistPack(nn.Module):
         return len(self.seeds)
 
     def member_parameters(self) -> list[list[nn.Parameter]]:
-        """The parameters of each group (dimension 0 the member; a single run's: its own)."""
-        if self.single:
-            return [[*self.linear1.parameters(), *self.linear2.parameters()]]
+        """The parameters of each group (dimension 0 the member)."""
         return [list(group.parameters()) for group in self.groups]
 
     def forward(self, xb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Logits [N, B, 10]: `xb` one batch for every member, or one batch per group. A single run's
-        are [B, 10], and its steps below return 0-d values: fewer autograd nodes, the same numbers."""
-        if self.single:  # F.linear: per member the gemm of a group's batched matmul
-            assert not isinstance(xb, list)
-            return self.linear2(F.relu(self.linear1(xb.reshape(-1, INPUT_SIZE))))
+        """Logits [N, B, 10]: `xb` one batch for every member, or one batch per group."""
         inputs = xb if isinstance(xb, list) else [xb] * len(self.groups)
-        outs = [group(x) for group, x in zip(self.groups, inputs, strict=True)]
+        outs = [group(x, self.batched) for group, x in zip(self.groups, inputs, strict=True)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def member_labels(self, yb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
@@ -121,37 +112,31 @@ class MnistPack(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _losses(self, outputs: torch.Tensor, yb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """[N, B] cross-entropy of every sample for every member: row by row."""
         labels = self.member_labels(yb)
         flat = F.cross_entropy(outputs.reshape(-1, NUM_CLASSES).float(), labels.reshape(-1), reduction="none")
         return flat.view(labels.shape)
 
     def training_step(self, outputs: torch.Tensor, yb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Each member's mean cross-entropy over its batch, as in the tutorial: [N] (0-d: single)."""
-        if self.single:  # the same reduction of the same row as a member's in a pack
-            return F.cross_entropy(outputs.float(), yb, reduction="none").mean()
+        """Each member's mean cross-entropy over its batch, as in the tutorial: [N]."""
         return self._losses(outputs, yb).mean(dim=1)
 
     def validation_step(
         self, outputs: torch.Tensor, yb: torch.Tensor | list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per member (summed loss, number correct), [N] each (0-d: single): sums, so the mean over
-        all samples is exact for any sharding."""
-        if self.single:
-            loss = F.cross_entropy(outputs.float(), yb, reduction="none").sum()
-            return loss, (outputs.argmax(dim=1) == yb).sum()
+        """Per member (summed loss, number correct), [N] each: sums, so the mean over all samples is
+        exact for any sharding."""
         correct = (outputs.argmax(dim=2) == self.member_labels(yb)).sum(dim=1)
         return self._losses(outputs, yb).sum(dim=1), correct
 
     def member_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s weights as MnistModel's state dict (nn.Linear layout)."""
-        if self.single:
-            return {k: v for k, v in self.state_dict().items() if k.startswith("linear")}
         group, at = self._locate(index)
         return {
             "linear1.weight": group.w1[at],
-            "linear1.bias": group.b1[at, 0],
+            "linear1.bias": group.b1[at],
             "linear2.weight": group.w2[at],
-            "linear2.bias": group.b2[at, 0],
+            "linear2.bias": group.b2[at],
         }
 
     def _locate(self, index: int) -> tuple[_Group, int]:
@@ -160,6 +145,25 @@ class MnistPack(nn.Module):
                 return group, index
             index -= size
         raise IndexError(index)
+
+
+_SINGLE_RUN_KEYS = {  # a single run's checkpoints before packs had one shape: MnistModel's own keys
+    "linear1.weight": "groups.0.w1",
+    "linear1.bias": "groups.0.b1",
+    "linear2.weight": "groups.0.w2",
+    "linear2.bias": "groups.0.b2",
+}
+
+
+def _older_layouts(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Checkpoints of the layouts before this one load as they were: a single run's (MnistModel's
+    keys), and packs' biases stored [k, 1, out]."""
+    for old, new in _SINGLE_RUN_KEYS.items():
+        if prefix + old in state:
+            state[prefix + new] = state.pop(prefix + old)[None]
+    for key in [k for k in state if k.startswith(prefix + "groups.") and k.endswith((".b1", ".b2"))]:
+        if state[key].dim() == 3:
+            state[key] = state[key][:, 0]
 
 
 def _runs(seeds: list[int]) -> tuple[list[int], list[int]]:
