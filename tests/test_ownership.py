@@ -3,6 +3,7 @@ disk) ending in one line, exit 1, and a resume that ends bit-identical to an uni
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -46,9 +47,8 @@ def test_a_second_writer_exits_2_at_once_and_the_first_run_is_whole(tmp_path: Pa
     try:
         _wait_for(out / "writer.lock", first)
         holder = load_json(out / "writer.lock")
-        started = time.monotonic()
         second = run_cli("train", *SEED, "--output-dir", out, env=data_env)
-        took = time.monotonic() - started
+        refused_at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     except BaseException:
         first.kill()
         raise
@@ -57,9 +57,11 @@ def test_a_second_writer_exits_2_at_once_and_the_first_run_is_whole(tmp_path: Pa
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     assert f"is being written by another run: pid {first.pid} on " in second.stderr
     assert "pass another --output-dir" in second.stderr
-    assert took < 5, f"the second writer took {took:.1f} s to be refused"
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
+    # Refused at once, not after waiting for the lock: while the first run was still training (a time
+    # limit here would hold or not with the machine's load).
+    assert refused_at <= load_json(out / "run.json")["end_time"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 11
     assert not (out / "writer.lock").exists(), "released at the end"
 

@@ -2,7 +2,7 @@
 still its own run, and on a CPU with one thread bitwise the run it would be alone.
 
 The reference everywhere is `sweep run --pack off`: each member trained by itself, one after another,
-exactly as `mnist-dist train` trains it. Phases are SHORT (3 epochs) but for the 2-process test.
+exactly as `mnist-dist train` trains it. Phases are SHORT (3 epochs); the 2-process test's are gentler.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ parameters:
 # 1e6 does not do it here: the loss saturates (val_loss about 5e5) but stays finite.
 NAN_SPEC = SPEC.replace("[0.5, 1.5]", "[0.5, 1.5, 1.0e+38]")
 TWO = ("--multi_gpu", "--num_processes", "2", "-m")
-SEEDS_SPEC = "name: seeds\nmethod: grid\nparameters:\n  seed: {values: [0, 1, 42]}\n"
+SEEDS_SPEC = "name: seeds\nmethod: grid\nparameters:\n  seed: {values: [0, 1, 2]}\n"
 
 
 def sweep_command(spec: Path, out: Path, *extra: str, one_cpu: bool = False) -> list[str]:
@@ -187,15 +187,18 @@ def test_kill_9_of_a_packed_sweep_and_rerun_gives_the_same_members(
 
 def test_a_two_process_pack_equals_the_one_process_pack(tmp_path: Path, data_env: dict[str, str]):
     """A pack is data-parallel like a single run: 2 gloo processes, each half of every batch of every
-    member, within 1e-4 of 1 process on the seed phases; and each member of the 2-process pack is
-    bitwise the 2-process run of its config.
+    member, within 1e-4 of 1 process; and each member of the 2-process pack is bitwise the 2-process
+    run of its config (the construction makes it so: a member's own products in both, and the sum of
+    two processes' gradients is the same in either order).
 
-    The seeds are 0, 1 and 42: single runs of seeds 2 and 3 differ between 1 and 2 processes by 6e-3
-    and 4e-4 in val_loss (the seed phases are chaotic enough there for a 1e-8 difference of the two
-    gradient sums to grow), and their pack members by exactly as much."""
+    1 and 2 processes add a batch's gradient in a different order, about 1e-8 apart, and how far that
+    grows depends on the regime, not on the code: at the seed phases (lr 0.5) it reaches 6e-3 in
+    val_loss within 5 epochs for some seeds (seeds 0-7: 2e-8 to 6e-3), single runs alike. So this
+    compares at lr 0.1 for 3 epochs, where it stays small for every seed: at most 4e-6 over seeds 0-7
+    and MKL's default, AVX2 and compatible paths (a 25x margin). One image's flip of val_acc is 1e-4."""
     spec = spec_file(tmp_path, SEEDS_SPEC)
     cmd = sweep_command(spec, tmp_path / "one", one_cpu=True)
-    cmd[cmd.index("--phases") + 1] = "5x0.5,5x0.1"
+    cmd[cmd.index("--phases") + 1] = "3x0.1"
     ok(subprocess.run(cmd, capture_output=True, text=True, env=data_env, cwd=ROOT))
     one = member_dirs(tmp_path / "one")
     pack = Path(load_json(next(iter(one.values())) / "run.json")["pack"]["dir"])
@@ -205,7 +208,7 @@ def test_a_two_process_pack_equals_the_one_process_pack(tmp_path: Path, data_env
     (tmp_path / "pack2").mkdir(mode=0o700)
     (tmp_path / "pack2" / packs.MEMBERS_FILE).write_text(json.dumps(configs))
     proc = ok(accelerate_launch(*TWO, "mnist_dist.cli", "sweep", "pack", tmp_path / "pack2", env=data_env))
-    assert proc.stdout.count("Epoch [10], 3 members") == 1, "only the main process prints"
+    assert proc.stdout.count("Epoch [3], 3 members") == 1, "only the main process prints"
     for member, run_dir in one.items():
         two = tmp_path / "two" / member
         info = load_json(two / "run.json")

@@ -182,7 +182,8 @@ def test_a_key_and_a_reachable_server_go_online(monkeypatch):
         monkeypatch.delenv("WANDB_MODE", raising=False)
         mode, record, reach = tracking.start_mode("auto")
     assert (mode, reach) == ("online", None)
-    assert record["mode_reason"] == f"127.0.0.1:{port}: reachable" and record["check_seconds"] < 1
+    assert record["mode_reason"] == f"127.0.0.1:{port}: reachable"
+    assert 0 <= record["check_seconds"] < tracking.CHECK_SECONDS, "answered, not timed out"
 
 
 def test_a_forced_mode_skips_the_check(monkeypatch):
@@ -201,11 +202,11 @@ def test_a_forced_mode_skips_the_check(monkeypatch):
 
 
 async def _no_answer(host: str, port: int) -> None:
-    await asyncio.sleep(3)  # a black-holed route: the handshake never completes
+    await asyncio.sleep(10)  # a black-holed route: the handshake never completes
 
 
 async def _hung_lookup(host: str, port: int) -> None:
-    time.sleep(3)  # a DNS lookup that hangs: nothing inside the loop can cancel it
+    time.sleep(10)  # a DNS lookup that hangs: nothing inside the loop can cancel it
 
 
 @pytest.mark.parametrize("stall", [_no_answer, _hung_lookup])
@@ -213,7 +214,7 @@ def test_the_check_is_bounded_when_nothing_answers(monkeypatch, stall):
     monkeypatch.setattr(tracking, "_open", stall)
     reach = tracking.wandb_reachable.__wrapped__("https://wandb.example", timeout=0.3)
     assert (reach.ok, reach.target, reach.why) == (False, "wandb.example:443", "no answer within 0.3 s")
-    assert reach.seconds < 1
+    assert reach.seconds < 5, "given up on after its timeout, not after the stall (10 s)"
 
 
 def test_the_check_goes_through_the_https_proxy(monkeypatch):
