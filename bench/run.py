@@ -135,21 +135,29 @@ def median_of(rows: list[dict[str, Any]], key: str) -> float:
 def machine() -> dict[str, Any]:
     import torch
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from mnist_dist import provenance
+
+    cpu = provenance.cpu()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "cpu": cpu,
+        "cpu": cpu["model"],
+        "cpu_vendor": cpu["vendor"],
+        "cpu_capability": cpu["capability"],
+        "blas": cpu["blas"],
         "cores": os.cpu_count(),
         "gpu": gpu,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    """The CPU (vendor, torch's capability, BLAS), cores, GPU and torch, in one line."""
+    kernels = f"{m.get('cpu_vendor', '?')}, {m.get('cpu_capability', '?')}, BLAS {m.get('blas', '?')}"
+    cpu = f"{m['cpu']} ({kernels})"
+    gpu = f", {m['gpu']}" if m.get("gpu") else ""
+    return f"{cpu}, {m['cores']} cores{gpu}, torch {m['torch']}"
 
 
 def startup(reps: int) -> dict[str, float]:
@@ -303,9 +311,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"# Benchmark ({results['mode']}, {results['reps']} repetitions, phases {results['phases']}, "
         f"device {results['device']})",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores"
-        + (f", {m['gpu']}" if m["gpu"] else "")
-        + f"; Python {m['python']}, torch {m['torch']}; {results['date']}.",
+        f"Machine: {machine_line(m)}; Python {m['python']}; {results['date']}.",
         "",
         "| contender | training s (median) | x fastest | whole process s | x fastest | peak RSS MiB "
         "| final val_acc |",

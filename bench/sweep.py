@@ -15,8 +15,9 @@ Contenders alternate (packed, off, separate, ... then again) so drift hits all a
 Per contender: training seconds (from the members' run.json: packs running at once count once, by the
 slowest; members and processes one after another add up), whole wall time, and the peak memory of
 the whole process tree (PSS and RSS summed over its processes, sampled every 0.1 s). Also: how many
-members of the packed sweep equal their `--pack off` run bitwise (history and weights). Writes
-sweep.json and SWEEP.md.
+members of the packed sweep equal their `--pack off` run bitwise (history and weights), and whether
+one of them (`--solo`) equals the `mnist-dist train` command of its values. Writes sweep.json and
+SWEEP.md.
 """
 
 from __future__ import annotations
@@ -172,14 +173,48 @@ def run_once(name: str, args: argparse.Namespace, tmp: Path, rep: int, workers: 
     return {**m, "dir": str(out)}
 
 
+def solo_check(args: argparse.Namespace, packed: Path, tmp: Path) -> dict[str, Any] | None:
+    """The packed member whose config has `args.solo`'s values (`seed=3,phases.0.lr=1.0`) against
+    `mnist-dist train --seed 3 --set phases.0.lr=1.0 --threads 1` (the spec's base being the embedded
+    defaults, as lr-seeds.yaml's is): a member is bitwise the run a user would type."""
+    import yaml
+
+    wanted = dict(pair.split("=", 1) for pair in args.solo.split(",") if pair)
+
+    def value(cfg: dict[str, Any], dotted: str) -> str:
+        for part in dotted.split("."):
+            cfg = cfg[int(part)] if isinstance(cfg, list) else cfg[part]
+        return str(cfg)
+
+    for run_dir in members(packed):
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        if all(value(cfg, k) == v for k, v in wanted.items()):
+            break
+    else:
+        return None
+    out = tmp / "solo"
+    cmd = [PY, "-m", "mnist_dist.cli", "train", "--output-dir", str(out), "--threads", "1"]
+    cmd += ["--tracker", "none", "--progress", "off", "--data-dir", str(args.data_dir)]
+    cmd += ["--device", args.device]
+    if args.phases:
+        cmd += ["--phases", args.phases]
+    for key, v in wanted.items():
+        cmd += ["--seed", v] if key == "seed" else ["--set", f"{key}={v}"]
+    measured([cmd])
+    command = "mnist-dist train " + " ".join(cmd[cmd.index("--threads") :])
+    return {"member": run_dir.name, "command": command, "identical": identical(run_dir, out)}
+
+
 def markdown(results: dict[str, Any]) -> str:
+    from bench.run import machine_line
+
     rows = results["medians"]
     off = rows.get("off", {})
     lines = [
         f"# Sweep benchmark: {results['members']} members of {Path(results['spec']).name}"
         + (f" (phases {results['phases']})" if results["phases"] else " (seed phases)"),
         "",
-        f"{_machine(results['machine'])}; {results['workers']} pack process(es) at once; medians of "
+        f"{machine_line(results['machine'])}; {results['workers']} pack process(es) at once; medians of "
         + ", ".join(f"{n} {name}" for name, n in results["repetitions"].items()),
         "",
         "| contender | training s | wall s | peak memory MiB, PSS (RSS) | training / off | wall / separate |",
@@ -199,15 +234,14 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if "identical" in results:
         lines += ["", f"Packed members bitwise equal to their `--pack off` run: {results['identical']}."]
+    solo = results.get("solo")
+    if solo:
+        verdict = "bitwise equal" if solo["identical"] else "NOT equal"
+        lines += [f"Packed member `{solo['member']}` {verdict} to `{solo['command']}`."]
     for t in results.get("targets", []):
         verdict = {True: "met", False: "MISSED", None: ""}[t["met"]]
         lines.append(f"- {t['what']}: {t['value']:.3f} (target {t['target']}) {verdict}".rstrip())
     return "\n".join(lines) + "\n"
-
-
-def _machine(m: dict[str, Any]) -> str:
-    gpu = f", {m['gpu']}" if m.get("gpu") else ""
-    return f"{m['cpu']} ({m['cores']} cores{gpu}), torch {m['torch']}"
 
 
 def targets(rows: dict[str, Any], device: str) -> list[dict[str, Any]]:
@@ -244,9 +278,15 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MNIST_DIST_DATA_DIR", "data")))
     p.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    p.add_argument(
+        "--solo",
+        default="seed=3,phases.0.lr=1.0",
+        help="the packed member (its config's values) to compare with `mnist-dist train` of the same values",
+    )
     args = p.parse_args()
     if args.quick:
         args.spec, args.phases, args.reps = ROOT / "configs/sweeps/tiny.yaml", "1x0.5,1x0.1", 1
+        args.solo = args.solo if "--solo" in sys.argv else "seed=1,phases.0.lr=0.5"
     only = [c.strip() for c in args.only.split(",") if c.strip()] or list(CONTENDERS)
     sys.path.insert(0, str(ROOT))
     from bench.run import machine
@@ -294,6 +334,8 @@ def main() -> None:
         packed, off = Path(rows["packed"][0]["dir"]), Path(rows["off"][0]["dir"])
         same = sum(identical(a, off / "members" / a.name) for a in members(packed))
         results["identical"] = f"{same} of {len(members(packed))}"
+    if rows.get("packed") and args.solo and args.device == "cpu":
+        results["solo"] = solo_check(args, Path(rows["packed"][0]["dir"]), tmp)
     results["targets"] = targets(medians, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -14,6 +14,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """Which CPU and kernels ran the suite: the bitwise tests hold for a kernel path, so a failure
+    must say where it happened."""
+    import torch
+
+    from mnist_dist import provenance
+
+    c = provenance.cpu()
+    return [
+        f"cpu: {c['model']} ({c['vendor']}, {os.cpu_count()} cores); torch {torch.__version__}, "
+        f"CPU capability {c['capability']}, BLAS {c['blas']}"
+    ]
+
+
 def env_with(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.pop("WANDB_API_KEY", None)
