@@ -37,18 +37,32 @@ class MnistModel(nn.Module):
 
 class _Group(nn.Module):
     """Members that see the same input batch (the same seed, so the same data order), their weights
-    stacked in nn.Linear's layout: w [k, out, in], b [k, out] per layer (member_linear.py)."""
+    stacked row-wise in nn.Linear's layout: w [k * out, in], b [k * out] per layer (member_linear.py);
+    a group of one holds exactly nn.Linear's tensors."""
 
     def __init__(self, members: list[MnistModel]) -> None:
         super().__init__()
-        self.w1 = nn.Parameter(torch.stack([m.linear1.weight.detach() for m in members]))
-        self.b1 = nn.Parameter(torch.stack([m.linear1.bias.detach() for m in members]))
-        self.w2 = nn.Parameter(torch.stack([m.linear2.weight.detach() for m in members]))
-        self.b2 = nn.Parameter(torch.stack([m.linear2.bias.detach() for m in members]))
+        self.size = len(members)
+        self.w1 = nn.Parameter(torch.cat([m.linear1.weight.detach() for m in members]))
+        self.b1 = nn.Parameter(torch.cat([m.linear1.bias.detach() for m in members]))
+        self.w2 = nn.Parameter(torch.cat([m.linear2.weight.detach() for m in members]))
+        self.b2 = nn.Parameter(torch.cat([m.linear2.bias.detach() for m in members]))
 
     def forward(self, xb: torch.Tensor, batched: bool) -> torch.Tensor:
-        hidden = F.relu(member_linear(xb.reshape(-1, INPUT_SIZE), self.w1, self.b1, batched))
-        return member_linear(hidden, self.w2, self.b2, batched)
+        """Logits [k * B, 10], member-major."""
+        k = self.size
+        hidden = F.relu(member_linear(xb.reshape(-1, INPUT_SIZE), self.w1, self.b1, k, True, batched))
+        return member_linear(hidden, self.w2, self.b2, k, False, batched)
+
+    def member(self, at: int) -> dict[str, torch.Tensor]:
+        """Member `at`'s weights, as MnistModel's state dict."""
+        k = self.size
+        return {
+            "linear1.weight": self.w1.view(k, -1, self.w1.shape[1])[at],
+            "linear1.bias": self.b1.view(k, -1)[at],
+            "linear2.weight": self.w2.view(k, -1, self.w2.shape[1])[at],
+            "linear2.bias": self.b2.view(k, -1)[at],
+        }
 
 
 class MnistPack(nn.Module):
@@ -95,27 +109,27 @@ class MnistPack(nn.Module):
         return len(self.seeds)
 
     def member_parameters(self) -> list[list[nn.Parameter]]:
-        """The parameters of each group (dimension 0 the member)."""
+        """The parameters of each group: dimension 0 is k equal blocks of rows, member i's the i-th."""
         return [list(group.parameters()) for group in self.groups]
 
     def forward(self, xb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """Logits [N, B, 10]: `xb` one batch for every member, or one batch per group."""
+        """Logits [N * B, 10], member-major (member i's batch at rows i * B): `xb` one batch for every
+        member, or one batch per group. A pack of one's are its MnistModel's."""
         inputs = xb if isinstance(xb, list) else [xb] * len(self.groups)
         outs = [group(x, self.batched) for group, x in zip(self.groups, inputs, strict=True)]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def member_labels(self, yb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
-        """[N, B] labels: one [B] for every member, or one per group."""
+        """[N * B] labels, member-major: one [B] for every member, or one per group."""
         if not isinstance(yb, list):
-            return yb.expand(len(self), yb.shape[-1])
-        parts = [y.expand(size, y.shape[-1]) for y, size in zip(yb, self.sizes, strict=True)]
+            return yb.expand(len(self), yb.shape[-1]).reshape(-1)
+        parts = [y.expand(size, y.shape[-1]).reshape(-1) for y, size in zip(yb, self.sizes, strict=True)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _losses(self, outputs: torch.Tensor, yb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """[N, B] cross-entropy of every sample for every member: row by row."""
-        labels = self.member_labels(yb)
-        flat = F.cross_entropy(outputs.reshape(-1, NUM_CLASSES).float(), labels.reshape(-1), reduction="none")
-        return flat.view(labels.shape)
+        flat = F.cross_entropy(outputs.float(), self.member_labels(yb), reduction="none")
+        return flat.view(len(self), -1)
 
     def training_step(self, outputs: torch.Tensor, yb: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Each member's mean cross-entropy over its batch, as in the tutorial: [N]."""
@@ -126,18 +140,13 @@ class MnistPack(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per member (summed loss, number correct), [N] each: sums, so the mean over all samples is
         exact for any sharding."""
-        correct = (outputs.argmax(dim=2) == self.member_labels(yb)).sum(dim=1)
+        correct = (outputs.argmax(dim=1) == self.member_labels(yb)).view(len(self), -1).sum(dim=1)
         return self._losses(outputs, yb).sum(dim=1), correct
 
     def member_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s weights as MnistModel's state dict (nn.Linear layout)."""
         group, at = self._locate(index)
-        return {
-            "linear1.weight": group.w1[at],
-            "linear1.bias": group.b1[at],
-            "linear2.weight": group.w2[at],
-            "linear2.bias": group.b2[at],
-        }
+        return group.member(at)
 
     def _locate(self, index: int) -> tuple[_Group, int]:
         for group, size in zip(self.groups, self.sizes, strict=True):
@@ -157,13 +166,16 @@ _SINGLE_RUN_KEYS = {  # a single run's checkpoints before packs had one shape: M
 
 def _older_layouts(module: nn.Module, state: dict[str, Any], prefix: str, *_: Any) -> None:
     """Checkpoints of the layouts before this one load as they were: a single run's (MnistModel's
-    keys), and packs' biases stored [k, 1, out]."""
+    keys) and packs' [k, out, in] weights and [k, 1, out] biases (here stacked row-wise)."""
     for old, new in _SINGLE_RUN_KEYS.items():
         if prefix + old in state:
-            state[prefix + new] = state.pop(prefix + old)[None]
-    for key in [k for k in state if k.startswith(prefix + "groups.") and k.endswith((".b1", ".b2"))]:
-        if state[key].dim() == 3:
-            state[key] = state[key][:, 0]
+            state[prefix + new] = state.pop(prefix + old)
+    for key in [k for k in state if k.startswith(prefix + "groups.")]:
+        value = state[key]
+        if key.endswith((".w1", ".w2")) and value.dim() == 3:
+            state[key] = value.reshape(-1, value.shape[-1])
+        elif key.endswith((".b1", ".b2")) and value.dim() > 1:
+            state[key] = value.reshape(-1)
 
 
 def _runs(seeds: list[int]) -> tuple[list[int], list[int]]:

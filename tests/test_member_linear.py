@@ -66,18 +66,23 @@ def _step(pack: MnistPack, xs: list[torch.Tensor], ys: list[torch.Tensor], lrs: 
     found = []
     for i in range(len(pack)):
         g = max(j for j, a in enumerate(starts) if a <= i)
-        at = i - starts[g]
+        at, size = i - starts[g], pack.sizes[g]
         found.append(
             {
                 "logits": out.reshape(len(pack), -1)[i],
                 "loss": losses.reshape(-1)[i],
                 "val_loss": val_loss.reshape(-1)[i],
                 "correct": correct.reshape(-1)[i],
-                **{f"grad {n}": t[at].reshape(-1) for n, t in zip(NAMES, grads[g], strict=True)},
-                **{f"stepped {n}": t[at].reshape(-1) for n, t in zip(NAMES, groups[g], strict=True)},
+                **{f"grad {n}": _of(t, size, at) for n, t in zip(NAMES, grads[g], strict=True)},
+                **{f"stepped {n}": _of(t, size, at) for n, t in zip(NAMES, groups[g], strict=True)},
             }
         )
     return found
+
+
+def _of(t: torch.Tensor, members: int, at: int) -> torch.Tensor:
+    """Member `at`'s part of a group's parameter (or gradient), flattened: its block of rows."""
+    return t.detach().reshape(members, -1)[at]
 
 
 def _inputs(rows: int, groups: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -167,3 +172,22 @@ def test_checkpoints_of_the_layouts_before_load():
     loaded = MnistPack.seeded([2, 2, 3], 32)
     loaded.load_state_dict(older)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in pack.state_dict().items())
+
+
+@pytest.mark.parametrize(("k", "groups"), [(2, 1), (4, 2), (7, 2)])
+def test_the_batched_kernels_compute_the_same_step_to_rounding(k: int, groups: int):
+    """`batched` (what a GPU runs: one batched matmul per product) is the same arithmetic up to
+    rounding: every quantity of a step within float32 rounding of the per-member kernels'."""
+    torch.set_num_threads(1)
+    sizes = [k] if groups == 1 else [k // 2, k - k // 2]
+    seeds = [g for g, size in enumerate(sizes) for _ in range(size)]
+    xs, ys = _inputs(128, groups)
+    members = _members(k, 32, first_seed=0)
+    lrs = [0.5 + 0.25 * i for i in range(k)]
+    exact = _step(MnistPack([_copy(m) for m in members], seeds), xs, ys, lrs)
+    fused_pack = MnistPack([_copy(m) for m in members], seeds)
+    fused_pack.batched = True
+    fused = _step(fused_pack, xs, ys, lrs)
+    for i in range(k):
+        for q, value in exact[i].items():
+            assert torch.allclose(fused[i][q].double(), value.double(), rtol=1e-4, atol=1e-6), (i, q)
