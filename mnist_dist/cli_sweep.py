@@ -74,12 +74,11 @@ def run(
     max_pack: MaxPack = None,
     **opts: Any,
 ) -> None:
-    """Train every member on this machine: packs of members, one process per CPU (finished members
-    are skipped)."""
+    """Train every member on this machine: packs of members, one process per CPU, or per GPU when
+    the members train on GPUs (finished members are skipped)."""
     from mnist_dist import datafiles, sweep_results, sweeps
     from mnist_dist.stopping import Preempted, StopFlag, stop_on_signals
-    from mnist_dist.sweep_run import PackProcessFailed, run_members
-    from mnist_dist.threads import usable_cpus
+    from mnist_dist.sweep_run import PackProcessFailed, local_workers, run_members
 
     check_pack(pack, max_pack)
     parsed, root, found = load_members(spec, opts, yes)
@@ -92,7 +91,8 @@ def run(
     stop = StopFlag(found[0].cfg.checkpoint.stop_check_steps)
     stop_on_signals(stop)
     try:
-        counts = run_members(found, stop, print, retry_failed, pack, max_pack, workers=usable_cpus())
+        workers, gpus = local_workers(found[0].cfg)
+        counts = run_members(found, stop, print, retry_failed, pack, max_pack, workers=workers, gpus=gpus)
     except Preempted as e:
         print(f"error: {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(75) from None

@@ -2,11 +2,15 @@
 captured once as a CUDA graph and replayed.
 
 For a model this small a step is a few dozen tiny kernels, and launching them one by one from Python
-costs more than running them; a replay launches them all at once. The members' lrs are baked into
-the graph, so each phase (and each freeze of a member) captures its own, and a checkpoint load (new
-weights and optimizer state) captures again.
+costs more than running them; a replay launches them all at once. A graph replays kernels on the
+buffers it was captured with, by address, and runs none of the step's Python: so the step has no host
+sync (CUDA refuses one during capture: no `.item()`, no `bool()` of a tensor), the members' lrs and
+which members are alive are tensors the engine updates in place, and a graph is reused only while
+those tensors are the ones it was captured with (a checkpoint load brings new ones: capture again).
 Applies to one process on a GPU at full precision without accumulation; the short last batch of an
-epoch runs eagerly. Tested on a CPU with `capture` replaced (tests/test_cuda_graphs.py).
+epoch runs eagerly. Whether it captured and how often it replayed goes into run.json (`cuda_graphs`).
+Tested on a CPU with `capture` replaced by a stand-in that refuses host syncs and buffers the graph
+does not know (tests/test_cuda_graphs.py); bench/gpu.sh checks the real one.
 """
 
 from __future__ import annotations
@@ -45,26 +49,32 @@ def capture(step: Callable[[], None], zero_grad: Callable[[], None]) -> Callable
     # Grads set to None, so backward allocates them in the graph's pool and each replay overwrites them.
     zero_grad()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    current = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    finally:  # a capture that fails in capture_end leaves its own stream current
+        torch.cuda.set_stream(current)
     return graph.replay
 
 
 class CapturedStep:
-    """A step captured for one set of lrs; `replay(rows)` trains on those rows, `take_loss_sum()`
-    returns each member's summed losses of the replays since the last call."""
+    """A step captured with `buffers` (the tensors it reads by address that the engine may replace:
+    the lrs); `replay(rows)` trains on those rows, `take_loss_sum()` returns each member's summed
+    losses of the replays since the last call."""
 
     def __init__(
         self,
         step: Step,
         rows_shape: tuple[int, int],
         members: int,
-        lrs: tuple[float, ...],
+        buffers: list[torch.Tensor],
         params: Iterable[torch.nn.Parameter],
         zero_grad: Callable[[], None],
         device: torch.device,
     ) -> None:
-        self.lrs = lrs
+        self.buffers = list(buffers)
+        self.replays = 0
         self.rows = torch.zeros(rows_shape, dtype=torch.long, device=device)
         # float64, as the eager path sums its step losses, so both give the same train_loss.
         self.loss_sum = torch.zeros(members, dtype=torch.float64, device=device)
@@ -84,9 +94,16 @@ class CapturedStep:
                     p.copy_(v)
             self.loss_sum.zero_()
 
+    def reads(self, buffers: list[torch.Tensor]) -> bool:
+        """Whether `buffers` are the very tensors this graph was captured with."""
+        return len(buffers) == len(self.buffers) and all(
+            a is b for a, b in zip(buffers, self.buffers, strict=True)
+        )
+
     def replay(self, rows: torch.Tensor) -> None:
         self.rows.copy_(rows)
         self._replay()
+        self.replays += 1
 
     def take_loss_sum(self) -> torch.Tensor:
         total = self.loss_sum.clone()
@@ -95,24 +112,45 @@ class CapturedStep:
 
 
 class StepGraphs:
-    """The captured step for the current lrs: captured on first use, again for new lrs or after
-    `reset()`; after a capture this stack cannot do, eager steps for good (the same numbers)."""
+    """The captured step for the live buffers: captured on first use, again when the buffers were
+    replaced or after `reset()`; after a capture this stack cannot do, eager steps for good (the same
+    numbers), and `report()` says so."""
 
     def __init__(self, enabled: bool, log: Callable[[str], None]) -> None:
-        self.enabled, self.log = enabled, log
+        self.applies = self.enabled = enabled
+        self.log = log
         self.current: CapturedStep | None = None
+        self.captures, self._replays, self.failure = 0, 0, None
 
     def reset(self) -> None:
+        self._retire()
+
+    def _retire(self) -> None:
+        if self.current is not None:
+            self._replays += self.current.replays
         self.current = None
 
-    def for_lr(self, lrs: tuple[float, ...], make: Callable[[], CapturedStep]) -> CapturedStep | None:
+    def step_for(self, buffers: list[torch.Tensor], make: Callable[[], CapturedStep]) -> CapturedStep | None:
         if not self.enabled:
             return None
-        if self.current is None or self.current.lrs != lrs:
+        if self.current is None or not self.current.reads(buffers):
+            self._retire()
             try:
                 self.current = make()
             except RuntimeError as e:
-                self.log(f"warning: CUDA graph capture failed ({str(e).splitlines()[0]}); running eagerly")
+                self.failure = str(e).splitlines()[0] if str(e) else type(e).__name__
+                self.log(f"warning: CUDA graph capture failed ({self.failure}); running eagerly")
                 self.enabled = False
                 return None
+            self.captures += 1
         return self.current
+
+    def report(self) -> dict[str, Any]:
+        """For run.json: whether graphs applied, how many captures and replays, why they stopped."""
+        replays = self._replays + (self.current.replays if self.current else 0)
+        return {
+            "applies": self.applies,
+            "captures": self.captures,
+            "replays": replays,
+            "failure": self.failure,
+        }

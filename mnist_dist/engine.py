@@ -32,6 +32,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from mnist_dist import checkpoint, cuda_graphs, data, datafiles, faults, provenance, threads, tracking
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
+from mnist_dist.member_scaler import MemberGradScaler
 from mnist_dist.member_sgd import MemberSGD
 from mnist_dist.model import MnistPack
 from mnist_dist.stopping import Preempted, ResumePoint, StopFlag
@@ -89,19 +90,37 @@ def _accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
         )
 
 
-def _step_functions(accelerator: Accelerator, optimizer: Any) -> tuple[Callable, Callable, Callable]:
-    """(optimizer step, zero_grad, backward) for the prepared optimizer.
+def _member_scaler(accelerator: Accelerator, optimizer: Any, members: int) -> MemberGradScaler | None:
+    """fp16: the GradScaler Accelerate made, as one scale per member (member_scaler.py); Accelerate's
+    own put aside, so its optimizer wrapper and backward do not scale a second time."""
+    theirs = accelerator.scaler
+    if theirs is None:
+        return None
+    ours = MemberGradScaler.like(theirs, members, accelerator.device)
+    accelerator.scaler = optimizer.scaler = None
+    accelerator.register_for_checkpointing(ours)
+    return ours
+
+
+def _step_functions(accelerator: Accelerator, optimizer: Any, scaler: MemberGradScaler | None) -> tuple:
+    """(optimizer step, zero_grad, backward(loss, gradient)) for the prepared optimizer.
 
     AcceleratedOptimizer.step() searches sys.path for the lomo_optim package twice per call,
     zero_grad() inspects a signature and Accelerator.backward() divides the loss by 1: together more
-    than this model's whole step on a CPU. Without a grad scaler (fp16) they add nothing else, so call
-    what they wrap; with one, they scale, unscale and skip steps, so keep them.
+    than this model's whole step on a CPU, and nothing else without a grad scaler of Accelerate's
+    (fp16's is the engine's own, per member). So call what they wrap: MemberSGD's step and
+    zero_grad without torch.optim's hooks and profiler records. XLA keeps Accelerate's.
     """
-    plain = optimizer.scaler is None and accelerator.distributed_type != DistributedType.XLA
-    backward = torch.Tensor.backward if plain else accelerator.backward
-    if plain:  # MemberSGD's step and zero_grad without torch.optim's hooks and profiler records
-        return optimizer.optimizer.update, optimizer.optimizer.clear, backward
-    return optimizer.step, functools.partial(optimizer.zero_grad, set_to_none=True), backward
+    if accelerator.distributed_type == DistributedType.XLA:
+        return optimizer.step, functools.partial(optimizer.zero_grad, set_to_none=True), accelerator.backward
+    sgd = optimizer.optimizer
+    if scaler is None:
+        return sgd.update, sgd.clear, torch.Tensor.backward
+
+    def scaled_backward(loss: torch.Tensor, gradient: torch.Tensor) -> None:
+        loss.backward(gradient=scaler.loss_gradient(gradient))
+
+    return functools.partial(scaler.step, sgd), sgd.clear, scaled_backward
 
 
 def _progress_bar(train: data.ShardedBatches, epoch: int, progress: str, is_main: bool) -> Any:
@@ -159,7 +178,13 @@ class Engine:
         # its own products, bitwise its run alone (member_linear.py).
         self.core.batched = self.device.type == "cuda" and len(self.core) > 1
         self.alive = torch.ones(len(self.core), dtype=torch.bool, device=self.device)
-        self.optimizer_step, self.zero_grad, self.backward = _step_functions(self.accelerator, self.optimizer)
+        # d total / d loss_i per member: 1 (0 once frozen). Backward takes it as the losses' gradient,
+        # so each member's gradient is its own loss's, and a frozen member's none of the others'.
+        self.loss_grad = torch.ones(len(self.core), device=self.device)
+        self.scaler = _member_scaler(self.accelerator, self.optimizer, len(self.core))
+        self.optimizer_step, self.zero_grad, self.backward = _step_functions(
+            self.accelerator, self.optimizer, self.scaler
+        )
         self.graphs = cuda_graphs.StepGraphs(cuda_graphs.applies(cfg, self.device, self.world), self.print)
 
     def print(self, *args: Any) -> None:
@@ -221,6 +246,7 @@ class Engine:
         """Stop training these members (their loss went non-finite): lr 0 and out of the loss, so
         the others go on exactly as without them."""
         self.alive[members] = False
+        self.loss_grad[members] = 0.0
         self.set_lrs([group_lr for group in self.optimizer.param_groups for group_lr in group["lr"].tolist()])
 
     def fit(
@@ -256,9 +282,7 @@ class Engine:
         k = self.cfg.grad_accum
         weights = train.loss_weights(k)
         last = len(weights) - 1
-        lrs = tuple(lr for group in self.optimizer.param_groups for lr in group["lr"].tolist())
-        graph = self.graphs.for_lr(lrs, lambda: _capture(self, train))
-        everyone = bool(self.alive.all())
+        graph = self.graphs.step_for(self.graph_buffers(), lambda: _capture(self, train))
         losses: list[torch.Tensor] = []  # stacked once at the end: cheaper than an add per step
         check = self.stop.every if self.world > 1 else 1
         for i, (rows, size) in enumerate(_progress_bar(train, epoch, self.cfg.progress, self.is_main)):
@@ -278,8 +302,7 @@ class Engine:
             # Skip the gradient all-reduce on micro-batches that do not end an optimizer step.
             with contextlib.nullcontext() if steps_now else self.accelerator.no_sync(model):
                 loss = core.training_step(model(xb), yb)
-                total = self._total(loss, everyone)
-                backward(total if weights[i] == 1.0 else total * weights[i])
+                backward(loss, gradient=self.loss_grad if weights[i] == 1.0 else self.loss_grad * weights[i])
             losses.append(loss.detach())
             if steps_now:
                 optimizer_step()
@@ -287,10 +310,10 @@ class Engine:
         totals = self.accelerator.reduce(self._loss_sum(losses, graph, start), reduction="sum")
         return (totals / (len(weights) * self.world)).tolist()
 
-    def _total(self, losses: torch.Tensor, everyone: bool) -> torch.Tensor:
-        """The sum of the members' losses: d total / d loss_i = 1 exactly, so each member's gradient
-        is its own loss's. Frozen members are left out (where, not a 0 factor: 0 x NaN is NaN)."""
-        return (losses if everyone else torch.where(self.alive, losses, 0.0)).sum()
+    def graph_buffers(self) -> list[torch.Tensor]:
+        """The tensors a captured step reads by address that the engine may replace: the lrs (a
+        checkpoint load brings new ones). `loss_grad` and the weights are only ever changed in place."""
+        return [group["lr"] for group in self.optimizer.param_groups]
 
     def _loss_sum(
         self, losses: list[torch.Tensor], graph: cuda_graphs.CapturedStep | None, start: ResumePoint
@@ -363,20 +386,26 @@ class Engine:
 
 
 def _capture(engine: Engine, train: data.ShardedBatches) -> cuda_graphs.CapturedStep:
-    """The engine's full-batch step, captured (cuda_graphs.py)."""
+    """The engine's full-batch step, captured (cuda_graphs.py): no host sync in it (frozen members
+    are left out by the device's `loss_grad`, not by asking which they are)."""
 
     def step(rows: torch.Tensor) -> torch.Tensor:  # one process, full batch: the loss weight is 1
         xb, yb = train.batch(rows)
         loss = engine.core.training_step(engine.model(xb), yb)
-        engine.backward(engine._total(loss, bool(engine.alive.all())))
+        engine.backward(loss, gradient=engine.loss_grad)
         engine.optimizer_step()
         return loss.detach()
 
-    lrs = tuple(lr for group in engine.optimizer.param_groups for lr in group["lr"].tolist())
-    params = engine.model.parameters()
     shape = (len(engine.core.group_seeds), train.batch_size)
-    members = len(engine.core)
-    return cuda_graphs.CapturedStep(step, shape, members, lrs, params, engine.zero_grad, engine.device)
+    return cuda_graphs.CapturedStep(
+        step,
+        shape,
+        len(engine.core),
+        engine.graph_buffers(),
+        engine.model.parameters(),
+        engine.zero_grad,
+        engine.device,
+    )
 
 
 def facts(engine: Engine, train: data.ShardedBatches) -> dict[str, Any]:
@@ -388,12 +417,23 @@ def facts(engine: Engine, train: data.ShardedBatches) -> dict[str, Any]:
         "device": str(engine.device),
         "device_name": torch.cuda.get_device_name(engine.device) if engine.device.type == "cuda" else "cpu",
         "cpu": provenance.cpu(),  # the main process's: its kernels are what a bitwise claim holds for
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "precision": engine.accelerator.mixed_precision,
         # What torch runs with now, after Accelerate's set-up: it must still be the decided count.
         "threads": {"count": torch.get_num_threads(), "source": engine.threads.source},
         "hosts": sorted({r["host"] for r in per_rank}),
         "train_samples_per_process": [r["train_samples"] for r in per_rank],
     }
+
+
+def end_facts(engine: Engine) -> list[dict[str, Any]]:
+    """Per member, for run.json at the end: whether the CUDA-graph step was captured and how often it
+    replayed (a graph that silently never captured runs eagerly and looks like a pass), and with fp16
+    the member's loss scale and skipped steps."""
+    graphs = engine.graphs.report()
+    if engine.scaler is None:
+        return [{"cuda_graphs": graphs} for _ in range(len(engine.core))]
+    return [{"cuda_graphs": graphs, "grad_scaler": s} for s in engine.scaler.report()]
 
 
 def evaluate_weights(

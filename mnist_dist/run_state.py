@@ -21,10 +21,11 @@ from typing import Any
 from mnist_dist import checkpoint, data, provenance
 from mnist_dist.config import TrainConfig
 from mnist_dist.engine import Engine, EpochResult
+from mnist_dist.engine import end_facts as engine_end_facts
 from mnist_dist.engine import facts as engine_facts
 from mnist_dist.errors import UserError
 from mnist_dist.faults import WriteFault
-from mnist_dist.outputs import NullRunDir, RunDir, format_entry, history_entry
+from mnist_dist.outputs import NullRunDir, RunDir, format_entry, history_entry, plot_all
 from mnist_dist.ownership import private_dir
 from mnist_dist.stopping import Preempted, ResumePoint
 from mnist_dist.tracking import run_id
@@ -245,16 +246,21 @@ class RunState:
         checkpoint.set_member_parts(self.progress, parts)
         self.engine.save_checkpoint(self.progress, self.cfgs[0].checkpoint.keep)
 
+    def _note_end_facts(self) -> None:
+        for member, facts in zip(self.members, engine_end_facts(self.engine), strict=True):
+            member.info.update(facts)
+
     def finish(self) -> tuple[list[list[dict[str, Any]]], list[str | None]]:
         """The finished runs' files: history, weights, plots, run.json; failed members keep theirs."""
         seconds = self.elapsed()
-        for i, member in enumerate(self.members):
-            if member.failure is not None:
-                continue
+        self._note_end_facts()
+        finished = [(i, m) for i, m in enumerate(self.members) if m.failure is None]
+        for i, member in finished:
             member.info["train_seconds"] = seconds
             member.out.write_history(member.history)
             member.out.save_weights(self.engine.state_dict(i), member.cfg)
-            member.out.plot(member.history)
+        plot_all([(member.out, member.history) for _, member in finished])
+        for _, member in finished:
             member.info.update(status="completed", end_time=provenance.now())
             member.out.write_run_info(member.info)
         last = self.members[0].history[-1] if self.members[0].history else None
@@ -273,6 +279,7 @@ class RunState:
     def ended(self, e: BaseException) -> None:
         """The run ends by an exception: Preempted saves and says so; a failure in that save, or any
         other exception, is recorded as the end of each member's run."""
+        self._note_end_facts()
         try:
             if isinstance(e, Preempted):
                 self.stopped(e)
