@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from mnist_dist import packs, sweeps
+from mnist_dist.config import TrainConfig
+from mnist_dist.sweep_run import local_workers
 from mnist_dist.threads import usable_cpus
 
 from conftest import ROOT, SHORT_PHASES, accelerate_launch, env_with, load_json, ok, run_cli, run_history
@@ -38,7 +40,7 @@ parameters:
 # 1e6 does not do it here: the loss saturates (val_loss about 5e5) but stays finite.
 NAN_SPEC = SPEC.replace("[0.5, 1.5]", "[0.5, 1.5, 1.0e+38]")
 TWO = ("--multi_gpu", "--num_processes", "2", "-m")
-SEEDS_SPEC = "name: seeds\nmethod: grid\nparameters:\n  seed: {values: [0, 1, 2]}\n"
+SEEDS_SPEC = "name: seeds\nmethod: grid\nparameters:\n  seed: {values: [0, 1]}\n"
 
 
 def sweep_command(spec: Path, out: Path, *extra: str, one_cpu: bool = False) -> list[str]:
@@ -208,11 +210,11 @@ def test_a_two_process_pack_equals_the_one_process_pack(tmp_path: Path, data_env
     (tmp_path / "pack2").mkdir(mode=0o700)
     (tmp_path / "pack2" / packs.MEMBERS_FILE).write_text(json.dumps(configs))
     proc = ok(accelerate_launch(*TWO, "mnist_dist.cli", "sweep", "pack", tmp_path / "pack2", env=data_env))
-    assert proc.stdout.count("Epoch [3], 3 members") == 1, "only the main process prints"
+    assert proc.stdout.count("Epoch [3], 2 members") == 1, "only the main process prints"
     for member, run_dir in one.items():
         two = tmp_path / "two" / member
         info = load_json(two / "run.json")
-        assert info["world_size"] == 2 and info["pack"]["size"] == 3
+        assert info["world_size"] == 2 and info["pack"]["size"] == 2
         assert info["train_samples_per_process"] == [25_000, 25_000]
         assert_same_history(load_json(two / "history.json"), load_json(run_dir / "history.json"))
     member = next(iter(one))
@@ -255,6 +257,29 @@ def test_plan_packs_compatible_members_with_one_seeds_together(tmp_path: Path):
     assert sorted(len(p) for p in mixed) == [1, 3] and [odd] in mixed
 
 
+def test_sweep_run_on_a_gpu_machine_runs_one_pack_process_per_gpu(
+    tmp_path: Path, data_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+):
+    """3 GPUs made visible by the environment (none is there: each process then trains on the CPU):
+    3 packs, each its own process with one GPU of its own in CUDA_VISIBLE_DEVICES."""
+    spec = spec_file(tmp_path, SPEC.replace("[0.5, 1.5]", "[0.1, 0.2, 0.5]"))  # 3 lrs x 2 seeds
+    env = {**data_env, "CUDA_VISIBLE_DEVICES": "0,1,2"}
+    proc = ok(sweep(spec, tmp_path / "s", env, "--phases", "1x0.5"))
+    starts = [line for line in proc.stdout.splitlines() if "a process of its own" in line]
+    assert sorted(line.rsplit(" on GPU ", 1)[1] for line in starts) == ["0", "1", "2"], proc.stdout
+    found = member_dirs(tmp_path / "s")
+    infos = [load_json(d / "run.json") for d in found.values()]
+    assert len(infos) == 6 and all(i["status"] == "completed" for i in infos)
+    by_gpu: dict[str, set[str]] = {}
+    for info in infos:
+        by_gpu.setdefault(info["cuda_visible_devices"], set()).add(info["pack"]["dir"])
+    assert sorted(by_gpu) == ["0", "1", "2"] and all(len(p) == 1 for p in by_gpu.values()), by_gpu
+    # Members that train on the CPU take one pack process per CPU, and no GPU, GPUs visible or not.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert local_workers(TrainConfig(device="cpu")) == (usable_cpus(), [])
+    assert local_workers(TrainConfig(device="auto")) == (3, ["0", "1", "2"])
+
+
 def test_pack_size_follows_the_memory(tmp_path: Path):
     cfg = _members(tmp_path, SPEC)[0].cfg
     per = packs.member_bytes(cfg)
@@ -277,3 +302,23 @@ def test_bad_pack_options_are_exit_2(tmp_path: Path, args: list[str], message: s
     proc = run_cli("sweep", "run", spec_file(tmp_path), "--output-dir", tmp_path / "s", *args, env=env_with())
     assert proc.returncode == 2 and proc.stderr == f"error: {message}\n"
     assert not (tmp_path / "s").exists()
+
+
+def test_a_big_pack_draws_its_members_figures_in_parallel_processes(tmp_path: Path, monkeypatch):
+    """plot_all with CPUs to spare (here said to be 4) and 16 members: 2 spawned processes draw them,
+    and every member gets both figures."""
+    from mnist_dist import outputs, threads
+
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    history = [{"epoch": 0, "phase": None, "val_loss": 2.3, "val_acc": 0.1}]
+    history += [{"epoch": e, "phase": e // 3, "val_loss": 1 / e, "val_acc": 0.9} for e in (1, 2, 3, 4)]
+    runs = []
+    for i in range(16):
+        (tmp_path / f"m{i}").mkdir()
+        runs.append((outputs.RunDir(tmp_path / f"m{i}"), history))
+    runs.append((outputs.NullRunDir(tmp_path / "not-main"), history))
+    outputs.plot_all(runs)
+    for i in range(16):
+        for name in ("loss.png", "accuracy.png"):
+            assert (tmp_path / f"m{i}" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (i, name)
+    assert not (tmp_path / "not-main").exists()
