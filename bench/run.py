@@ -323,8 +323,10 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['wall_seconds']:.2f} | {r['wall_seconds'] / fastest_wall:.2f} | {r['peak_rss_mib']:.0f} | "
             f"{r['val_acc']:.4f} |"
         )
-    s = results["startup"]
+    s = results.get("startup", {})
     lines += ["", "| start-up | median s |", "|---|---|"] + [f"| `{k}` | {v:.3f} |" for k, v in s.items()]
+    if results.get("skipped"):
+        lines += ["", "Not run, for the time budget: " + "; ".join(results["skipped"]) + "."]
     if "two_processes" in results:
         t = results["two_processes"]
         lines += ["", "| 1 vs 2 gloo processes | value |", "|---|---|"] + [
@@ -403,6 +405,8 @@ def main() -> None:
     p.add_argument("--no-two-processes", action="store_true")
     p.add_argument("--no-shared-cores", action="store_true", help="skip two jobs at once on the cores")
     p.add_argument("--out", type=Path, default=BENCH / "results")
+    p.add_argument("--budget", type=float, help="seconds: start no run that would end after them")
+    p.add_argument("--if-time", default="", help="contenders run once at the end, if the budget holds them")
     args = p.parse_args()
     args.phases = "1x0.5,1x0.1" if args.quick else "5x0.5,5x0.1"
     if args.quick:
@@ -416,19 +420,9 @@ def main() -> None:
     names = ["mnist-dist", "mnist-dist+wandb+ckpt", "bare loop", "lightning", "tutorial"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
-    contenders = [Contender(n, args) for n in names]
+    later = [n for n in args.if_time.split(",") if n and n not in names]
+    clock = Budget(args.budget)
     rows: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    for rep in range(args.reps):
-        for c in contenders:
-            cmd, env = c.command(rep)
-            rows[c.name].append(c.result(rep, run_wait4(cmd, env)))
-            r = rows[c.name][-1]
-            print(
-                f"rep {rep + 1}/{args.reps} {c.name:18s} train {r['train_seconds']:7.3f}s  wall "
-                f"{r['wall_seconds']:6.2f}s  rss {r['peak_rss_mib']:5.0f} MiB  val_acc {r['val_acc']:.4f}",
-                flush=True,
-            )
-
     results: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "reps": args.reps,
@@ -436,21 +430,78 @@ def main() -> None:
         "device": args.device,
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "contenders": {n: {k: median_of(rs, k) for k in rs[0]} | {"runs": rs} for n, rs in rows.items()},
-        "startup": startup(3 if args.quick else 7),
+        "skipped": [],
     }
+    for rep in range(args.reps):
+        for c in [Contender(n, args) for n in names]:
+            measure(c, rep, rows, results, clock, args)
+    for name in later:  # one run each, after the others, if the time left holds one
+        rows[name] = []
+        measure(Contender(name, args), 0, rows, results, clock, args)
+    if clock.left() > 60 or args.budget is None:
+        results["startup"] = startup(3 if args.quick else 7)
     if not args.no_two_processes and args.device != "cuda":
         results["two_processes"] = two_processes(args)
     if not args.no_shared_cores and args.device != "cuda":
         results["shared_cores"] = shared_cores(args)
     if args.seeds > 1:
         results["seeds"] = seeds(args)
-    if {"mnist-dist", "bare loop"} <= set(names):
-        results["targets"] = targets(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (args.out / "RESULTS.md").write_text(markdown(results))
+    write(results, rows, args.out)
     print(markdown(results))
+
+
+class Budget:
+    """Seconds from now within which the benchmark must end (None: no limit): a run is started only
+    when one like the longest seen so far still fits."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = None if seconds is None else time.monotonic() + seconds
+        self.longest = 0.0
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - time.monotonic()
+
+    def fits(self, guess: float) -> bool:
+        return self.left() > max(guess, self.longest) * 1.2
+
+
+def measure(
+    c: Contender,
+    rep: int,
+    rows: dict[str, list[dict[str, Any]]],
+    results: dict[str, Any],
+    clock: Budget,
+    args,
+) -> None:
+    """One run of a contender, when the budget holds it; the results so far written after it."""
+    guess = rows[c.name][-1]["wall_seconds"] if rows[c.name] else 0.0
+    if not clock.fits(guess):
+        results["skipped"].append(f"{c.name} rep {rep + 1}: {clock.left():.0f} s left")
+        return
+    cmd, env = c.command(rep)
+    rows[c.name].append(c.result(rep, run_wait4(cmd, env)))
+    r = rows[c.name][-1]
+    clock.longest = max(clock.longest, r["wall_seconds"])
+    print(
+        f"rep {rep + 1}/{args.reps} {c.name:18s} train {r['train_seconds']:7.3f}s  wall "
+        f"{r['wall_seconds']:6.2f}s  rss {r['peak_rss_mib']:5.0f} MiB  val_acc {r['val_acc']:.4f}",
+        flush=True,
+    )
+    write(results, rows, args.out)
+
+
+def write(results: dict[str, Any], rows: dict[str, list[dict[str, Any]]], out: Path) -> None:
+    """results.json and RESULTS.md from the runs so far: a benchmark cut off keeps what it measured."""
+    results["contenders"] = {
+        n: {k: median_of(rs, k) for k in rs[0]} | {"runs": rs} for n, rs in rows.items() if rs
+    }
+    names = set(results["contenders"])
+    if {"mnist-dist", "bare loop"} <= names and "startup" in results:
+        results["targets"] = targets(results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if results["contenders"]:
+        (out / "RESULTS.md").write_text(markdown(results))
 
 
 if __name__ == "__main__":

@@ -296,6 +296,14 @@ def main() -> None:
     workers = local_workers(TrainConfig(device=args.device))[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in only}
+    results: dict[str, Any] = {
+        "spec": str(args.spec),
+        "phases": args.phases,
+        "device": args.device,
+        "workers": workers,
+        "machine": machine(),
+        "runs": rows,
+    }
     for rep in range(max(args.reps, args.separate_reps)):
         for name in only:
             if rep >= (args.reps if name in ("packed", "off") else args.separate_reps):
@@ -311,36 +319,30 @@ def main() -> None:
                 f"  {json.dumps({k: round(v, 2) for k, v in rows[name][-1].items() if k != 'dir'})}",
                 flush=True,
             )
-    medians = {
-        name: {
-            k: statistics.median(r[k] for r in runs)
-            for k in ("train_seconds", "wall_seconds", "peak_rss_mib", "peak_pss_mib")
-        }
-        for name, runs in rows.items()
-        if runs
-    }
-    results: dict[str, Any] = {
-        "spec": str(args.spec),
-        "phases": args.phases,
-        "device": args.device,
-        "workers": workers,
-        "members": next(r[0]["members"] for r in rows.values() if r and r[0]["members"] > 1),
-        "machine": machine(),
-        "repetitions": {name: len(runs) for name, runs in rows.items() if runs},
-        "runs": rows,
-        "medians": medians,
-    }
+            write(results, rows, args)  # a benchmark cut off keeps what it measured
     if rows.get("packed") and rows.get("off"):
         packed, off = Path(rows["packed"][0]["dir"]), Path(rows["off"][0]["dir"])
         same = sum(identical(a, off / "members" / a.name) for a in members(packed))
         results["identical"] = f"{same} of {len(members(packed))}"
     if rows.get("packed") and args.solo and args.device == "cpu":
         results["solo"] = solo_check(args, Path(rows["packed"][0]["dir"]), tmp)
+    write(results, rows, args)
+    print(markdown(results))
+
+
+def write(results: dict[str, Any], rows: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    """sweep.json and SWEEP.md from the runs so far."""
+    keys = ("train_seconds", "wall_seconds", "peak_rss_mib", "peak_pss_mib")
+    medians = {
+        name: {k: statistics.median(r[k] for r in runs) for k in keys} for name, runs in rows.items() if runs
+    }
+    results["medians"] = medians
+    results["members"] = next((r[0]["members"] for r in rows.values() if r and r[0]["members"] > 1), 1)
+    results["repetitions"] = {name: len(runs) for name, runs in rows.items() if runs}
     results["targets"] = targets(medians, args.device)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "SWEEP.md").write_text(markdown(results))
-    print(markdown(results))
 
 
 if __name__ == "__main__":

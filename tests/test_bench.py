@@ -57,8 +57,9 @@ def test_quick_benchmark_runs_every_contender(tmp_path: Path, data_env: dict[str
 
 
 def test_gpu_script_rehearses_on_cpu_without_wandb_or_submitit(tmp_path: Path, data_env: dict[str, str]):
-    """bench/gpu.sh is run on a lent GPU with minutes of budget: its rehearsal runs the same stages
-    here (with the packages that machine lacks hidden), so a broken stage is found before that."""
+    """bench/gpu.sh is run on a lent GPU with minutes of budget: its rehearsal runs the same stages,
+    in the same order, here (with the packages that machine lacks hidden), so a broken stage is found
+    before that; each stage leaves its own files."""
     proc = subprocess.run(
         ["bash", str(ROOT / "bench/gpu.sh"), str(tmp_path), "--rehearse"],
         capture_output=True,
@@ -68,18 +69,58 @@ def test_gpu_script_rehearses_on_cpu_without_wandb_or_submitit(tmp_path: Path, d
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (tmp_path / "failures.txt").read_text() == ""
-    runs = json.loads((tmp_path / "graphs.json").read_text())
-    assert {runs[n]["precision"] for n in ("graphs", "eager", "bf16")} == {"no", "bf16"}
-    assert all(runs[n]["final_val_acc"] > 0.9 for n in ("graphs", "eager", "bf16"))
+    stages = (tmp_path / "stages.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in stages] == ["a. smoke", "b. packed", "c. single runs"], stages
+    assert all(": ok in " in line for line in stages), stages
+    smoke = json.loads((tmp_path / "smoke.json").read_text())
+    assert smoke["problems"] == [] and smoke["gpu"]["cuda_available"] is False
+    runs = smoke["runs"]
+    assert list(runs) == ["graphs", "eager", "bf16"], "no fp16 on a CPU"
+    assert {runs[n]["precision"] for n in runs} == {"no", "bf16"}
+    assert all(runs[n]["final_val_acc"] > 0.9 for n in runs)
+    assert runs["graphs"]["cuda_graphs"] == {"applies": False, "captures": 0, "replays": 0, "failure": None}
     # On a CPU both runs are eager: any difference would be nondeterminism, not the graphs.
-    assert runs["graphs_vs_eager_max_diff_val_loss"] == 0.0
-    assert runs["graphs_vs_eager_max_diff_train_loss"] == 0.0
+    assert smoke["graphs_vs_eager_max_diff_val_loss"] == 0.0
+    assert smoke["graphs_vs_eager_max_diff_train_loss"] == 0.0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert list(results["contenders"]) == ["mnist-dist", "bare loop"]
+    assert list(results["contenders"]) == ["mnist-dist", "bare loop"] and results["skipped"] == []
     # The packed-members stage: tiny.yaml's 4 members as packs against one member alone.
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert sweep["members"] == 4 and set(sweep["medians"]) == {"packed", "one"}
     assert [r["members"] for r in sweep["runs"]["packed"]] == [4]
     assert all(v > 0 for row in sweep["medians"].values() for v in row.values())
     assert "packed training / one member's training" in {t["what"] for t in sweep["targets"]}
+
+
+def test_gpu_script_skips_what_its_budget_cannot_hold(tmp_path: Path, data_env: dict[str, str]):
+    """A budget too short for the first stage: nothing is started, each stage says so, the exit status
+    counts them."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu.sh"), str(tmp_path), "--rehearse", "--budget", "100"],
+        capture_output=True,
+        text=True,
+        env={**data_env, "PYTHON": sys.executable},
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stages = (tmp_path / "stages.txt").read_text().splitlines()
+    assert len(stages) == 3 and all(": not started: " in line for line in stages), stages
+    assert not (tmp_path / "smoke.json").exists()
+
+
+def test_gpu_bundle_over_a_torch_image_imports_and_trains(data_env: dict[str, str]):
+    """bench/gpu_bundle.sh --check: the bundle's wheels (pip download from the index), installed with
+    --no-index into a fresh venv that has only torch, numpy and matplotlib (what the lent machine has),
+    import mnist_dist.cli, typer, pydantic, submitit and accelerate, and train an epoch."""
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench/gpu_bundle.sh"), "--check"],
+        capture_output=True,
+        text=True,
+        env={**data_env, "PYTHON": sys.executable},
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "imports mnist_dist.cli, typer, pydantic, submitit, accelerate" in proc.stdout
+    assert "and trains the seed run's first epoch with it" in proc.stdout
