@@ -80,6 +80,9 @@ PY
 else
   timeout -k 5 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
     | tee "$out/gpu.txt"
+  # sweep run finds GPUs without torch (CUDA_VISIBLE_DEVICES, /proc/driver/nvidia/gpus): were neither
+  # there, it would start one pack process per CPU, all on GPU 0, instead of one pack of 1,024.
+  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}
 fi
 timeout -k 5 60 "$py" -m mnist_dist.cli data prepare --data-dir "$data" || { echo "no MNIST in $data" >&2; exit 3; }
 
