@@ -24,9 +24,8 @@ class MemberSGD(torch.optim.Optimizer):
     def __init__(self, groups: Iterable[list[torch.nn.Parameter]], lrs: Iterable[torch.Tensor]) -> None:
         param_groups = [{"params": params, "lr": lr} for params, lr in zip(groups, lrs, strict=True)]
         super().__init__(param_groups, {})
-        self._rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._row_lr: dict[int, torch.Tensor] = {}
+        # Per parameter: (it, its lr per row, its members' first index over all groups, their count).
+        self._params: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         self._shape_lrs()
 
     def set_lrs(self, lrs: torch.Tensor) -> None:
@@ -38,24 +37,21 @@ class MemberSGD(torch.optim.Optimizer):
             size = group["lr"].numel()
             group["lr"].copy_(lrs[start : start + size])
             start += size
-        for p, rows, lr in self._rows:
-            rows.copy_(lr.repeat_interleave(p.shape[0] // lr.numel()).view_as(rows))
+        for p, rows, first, k in self._params:
+            rows.copy_(lrs[first : first + k].repeat_interleave(p.shape[0] // k).view_as(rows))
 
     def _shape_lrs(self) -> None:
         # Each group's lrs a float32 tensor on its parameters' device (a checkpoint loads them onto
         # the CPU; torch.optim.SGD's older ones held a float), and each parameter's lr per row, shaped
         # to broadcast over it: made once per change, not once a step.
+        self._params, first = [], 0
         for group in self.param_groups:
             device = group["params"][0].device
-            group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device).reshape(-1)
-        self._rows = []
-        for group in self.param_groups:
-            lr = group["lr"]
+            lr = group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=device).reshape(-1)
             for p in group["params"]:
                 rows = lr.repeat_interleave(p.shape[0] // lr.numel()).view(-1, *(1,) * (p.dim() - 1))
-                self._rows.append((p, rows, lr))
-        self._pairs = [(p, rows) for p, rows, _ in self._rows]
-        self._row_lr = {id(p): rows for p, rows, _ in self._rows}
+                self._params.append((p, rows, first, lr.numel()))
+            first += lr.numel()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -67,7 +63,7 @@ class MemberSGD(torch.optim.Optimizer):
 
     def clear(self) -> None:
         """zero_grad(set_to_none=True) without its profiler record: what the engine calls."""
-        for p, _ in self._pairs:
+        for p, *_ in self._params:
             p.grad = None
 
     @torch.no_grad()
@@ -75,35 +71,23 @@ class MemberSGD(torch.optim.Optimizer):
         """The step itself, without torch.optim's per-call hooks and profiler record (a tenth of a
         small model's step on a CPU): what the engine calls. `finite` (one per member, from a grad
         scaler): members whose gradients were not finite keep their weights this step."""
-        if finite is None:
-            for p, lr in self._pairs:
-                if p.grad is not None:
-                    p.sub_(p.grad * lr)
-            return
-        keep = iter(self._by_group(finite))
-        for group in self.param_groups:
-            k, ok = group["lr"].numel(), next(keep).view(-1, 1)
-            for p in group["params"]:
-                if p.grad is not None:
-                    step = (p.grad * self._row_lr[id(p)]).view(k, -1)
-                    p.view(k, -1).sub_(torch.where(ok, step, 0.0))
+        for p, rows, first, k in self._params:
+            if p.grad is None:
+                continue
+            step = p.grad * rows
+            if finite is not None:
+                keep = finite[first : first + k].view(k, 1)
+                step = torch.where(keep, step.view(k, -1), 0.0).view_as(p)
+            p.sub_(step)
 
     @torch.no_grad()
     def unscale_(self, inv_scale: torch.Tensor) -> torch.Tensor:
         """Each member's gradients times its `inv_scale` (one per member); returns which members'
         gradients are all finite."""
-        finite = []
-        for group, inv in zip(self.param_groups, self._by_group(inv_scale), strict=True):
-            k = inv.numel()
-            ok = torch.ones(k, dtype=torch.bool, device=inv.device)
-            for p in group["params"]:
-                if p.grad is not None:
-                    grad = p.grad.view(k, -1)
-                    grad.mul_(inv.view(k, 1))
-                    ok &= torch.isfinite(grad).all(dim=1)
-            finite.append(ok)
-        return torch.cat(finite)
-
-    def _by_group(self, per_member: torch.Tensor) -> list[torch.Tensor]:
-        """A tensor of one value per member, cut into each group's part."""
-        return list(per_member.split([g["lr"].numel() for g in self.param_groups]))
+        finite = torch.ones_like(inv_scale, dtype=torch.bool)
+        for p, _, first, k in self._params:
+            if p.grad is not None:
+                grad = p.grad.view(k, -1)
+                grad.mul_(inv_scale[first : first + k].view(k, 1))
+                finite[first : first + k] &= torch.isfinite(grad).all(dim=1)
+        return finite

@@ -56,18 +56,23 @@ def test_quick_benchmark_runs_every_contender(tmp_path: Path, data_env: dict[str
     assert all(f"| {name} |" in table for name in CONTENDERS)
 
 
+def bench_script(name: str, env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess:
+    """`bash bench/NAME ARGS` with this interpreter."""
+    return subprocess.run(
+        ["bash", str(ROOT / "bench" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHON": sys.executable},
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
 def test_gpu_script_rehearses_on_cpu_without_wandb_or_submitit(tmp_path: Path, data_env: dict[str, str]):
     """bench/gpu.sh is run on a lent GPU with minutes of budget: its rehearsal runs the same stages,
     in the same order, here (with the packages that machine lacks hidden), so a broken stage is found
     before that; each stage leaves its own files."""
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench/gpu.sh"), str(tmp_path), "--rehearse"],
-        capture_output=True,
-        text=True,
-        env={**data_env, "PYTHON": sys.executable},
-        cwd=ROOT,
-        timeout=600,
-    )
+    proc = bench_script("gpu.sh", data_env, tmp_path, "--rehearse")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = (tmp_path / "stages.txt").read_text().splitlines()
     assert [line.split(":")[0] for line in stages] == ["a. smoke", "b. packed", "c. single runs"], stages
@@ -95,14 +100,7 @@ def test_gpu_script_rehearses_on_cpu_without_wandb_or_submitit(tmp_path: Path, d
 def test_gpu_script_skips_what_its_budget_cannot_hold(tmp_path: Path, data_env: dict[str, str]):
     """A budget too short for the first stage: nothing is started, each stage says so, the exit status
     counts them."""
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench/gpu.sh"), str(tmp_path), "--rehearse", "--budget", "100"],
-        capture_output=True,
-        text=True,
-        env={**data_env, "PYTHON": sys.executable},
-        cwd=ROOT,
-        timeout=300,
-    )
+    proc = bench_script("gpu.sh", data_env, tmp_path, "--rehearse", "--budget", "100")
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     stages = (tmp_path / "stages.txt").read_text().splitlines()
     assert len(stages) == 3 and all(": not started: " in line for line in stages), stages
@@ -113,14 +111,7 @@ def test_gpu_bundle_over_a_torch_image_imports_and_trains(data_env: dict[str, st
     """bench/gpu_bundle.sh --check: the bundle's wheels (pip download from the index), installed with
     --no-index into a fresh venv that has only torch, numpy and matplotlib (what the lent machine has),
     import mnist_dist.cli, typer, pydantic, submitit and accelerate, and train an epoch."""
-    proc = subprocess.run(
-        ["bash", str(ROOT / "bench/gpu_bundle.sh"), "--check"],
-        capture_output=True,
-        text=True,
-        env={**data_env, "PYTHON": sys.executable},
-        cwd=ROOT,
-        timeout=600,
-    )
+    proc = bench_script("gpu_bundle.sh", data_env, "--check")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "imports mnist_dist.cli, typer, pydantic, submitit, accelerate" in proc.stdout
     assert "and trains the seed run's first epoch with it" in proc.stdout
