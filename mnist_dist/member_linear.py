@@ -70,6 +70,9 @@ class MemberLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w = ctx.saved_tensors
+        # Under autocast (bf16, fp16) the forward multiplied copies of x and w in gy's dtype, as the
+        # backward of F.linear's addmm does; its weight and bias gradients are cast back by autograd.
+        x, w = x.to(gy.dtype), w.to(gy.dtype)
         k, shared = ctx.k, ctx.shared
         ws = w.view(k, -1, w.shape[1])
         gys = gy.contiguous().view(k, -1, ws.shape[1])

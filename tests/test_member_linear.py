@@ -191,3 +191,24 @@ def test_the_batched_kernels_compute_the_same_step_to_rounding(k: int, groups: i
     for i in range(k):
         for q, value in exact[i].items():
             assert torch.allclose(fused[i][q].double(), value.double(), rtol=1e-4, atol=1e-6), (i, q)
+
+
+def test_a_bf16_member_in_a_pack_is_bitwise_the_member_alone():
+    """Under bf16 autocast of the forward (a sweep of `precision: bf16`: Accelerate wraps the model's
+    forward, the loss and backward run outside it), each member's products are autocast's bf16 ones,
+    alone and packed alike, and the backward multiplies what the forward did."""
+    torch.set_num_threads(1)
+
+    def bf16(pack: MnistPack) -> MnistPack:
+        pack.forward = torch.autocast("cpu", dtype=torch.bfloat16)(pack.forward)
+        return pack
+
+    for rows in (128, 80, 8):
+        xs, ys = _inputs(rows, 1)
+        members = _members(3, 32, first_seed=0)
+        packed = _step(bf16(MnistPack([_copy(m) for m in members], [0, 0, 0])), xs, ys, [0.5, 0.75, 1.0])
+        assert packed[0]["logits"].dtype == torch.bfloat16
+        for i, member in enumerate(members):
+            alone = _step(bf16(MnistPack([_copy(member)], [0])), xs, ys, [0.5 + 0.25 * i])[0]
+            bad = [q for q in alone if not torch.equal(packed[i][q], alone[q])]
+            assert not bad, (rows, i, bad)
