@@ -7,7 +7,8 @@
 # started. OUT_DIR/stages.txt says what each stage did, in seconds:
 #   a. smoke, ~2 min (gpu.txt, smoke.json): nvidia-smi (bounded), torch and the GPU, four seed runs of
 #      --phases 1x0.5,1x0.1: CUDA graphs (failed unless run.json says the step captured and replayed),
-#      eager, fp16 and bf16; graphs against eager (bench/gpu_smoke.py).
+#      eager, fp16 and bf16; graphs against eager; tiny.yaml's 4 members packed in fp16
+#      (bench/gpu_smoke.py).
 #   b. packed, ~3.5 min (sweep.json, SWEEP.md): 1,024 members (configs/sweeps/gpu-1024.yaml, 32 lrs x
 #      32 seeds) as one pack on the GPU against one member alone, --phases 2x0.5,1x0.1 (bench/sweep.py).
 #   c. single runs, ~3 min (results.json, RESULTS.md): mnist-dist, the bare loop and Lightning,
@@ -93,8 +94,8 @@ if [ -n "$rehearse" ]; then
   stage "c. single runs" 150 "$py" bench/run.py --device cpu --quick --no-two-processes --no-shared-cores \
     --only "mnist-dist,bare loop" --budget 130 --data-dir "$data" --out "$out"
 else
-  stage "a. smoke" 120 "$py" bench/gpu_smoke.py --device cuda --data-dir "$data" --out "$out"
-  stage "b. packed" 210 "$py" bench/sweep.py --device cuda --spec configs/sweeps/gpu-1024.yaml \
+  stage "a. smoke" 130 "$py" bench/gpu_smoke.py --device cuda --data-dir "$data" --out "$out"
+  stage "b. packed" 200 "$py" bench/sweep.py --device cuda --spec configs/sweeps/gpu-1024.yaml \
     --phases 2x0.5,1x0.1 --max-pack 1024 --reps 1 --only packed,one --data-dir "$data" --out "$out"
   left=$((deadline - $(date +%s) - 5))
   stage "c. single runs" "$left" "$py" bench/run.py --device cuda --reps 3 --seeds 1 --no-two-processes \

@@ -3,7 +3,9 @@
     python bench/gpu_smoke.py --out OUT [--device cuda|cpu] [--data-dir D]
 
 The GPU as torch sees it, then four seed runs of --phases 1x0.5,1x0.1, one after another: CUDA graphs
-(the default), eager (`cuda_graphs=off`), fp16 and bf16 (on a CPU: no fp16, and no graphs to capture).
+(the default), eager (`cuda_graphs=off`), fp16 and bf16 (on a CPU: no fp16, and no graphs to capture);
+then configs/sweeps/tiny.yaml's 4 members packed in mixed precision (fp16, on a CPU bf16): the
+batched kernels under autocast and one loss scale per member.
 smoke.json is written after each run, so a stage cut off keeps what it measured. It fails (exit 1)
 when a run fails, or when the graphs run did not capture and replay (run.json's `cuda_graphs`: a
 capture that silently failed runs eagerly, bit-identical to the eager run, and would read as a pass).
@@ -66,6 +68,27 @@ def train(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
 
 
+def pack_run(precision: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """tiny.yaml's members as packs at `precision`: each member's status, and its loss scale."""
+    out = tmp / f"pack-{precision}"
+    cmd = [sys.executable, "-m", "mnist_dist.cli", "sweep", "run", str(ROOT / "configs/sweeps/tiny.yaml")]
+    cmd += ["--phases", "1x0.5,1x0.1", "--precision", precision, "--device", args.device, "--tracker", "none"]
+    cmd += ["--progress", "off", "--data-dir", str(args.data_dir), "--output-dir", str(out)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=150)
+    row: dict[str, Any] = {"wall_seconds": round(time.perf_counter() - start, 2), "exit": proc.returncode}
+    if proc.returncode != 0:
+        return {**row, "error": (proc.stderr or proc.stdout)[-1500:]}
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("members/*/run.json"))]
+    row["members"] = [
+        {"status": r["status"], "pack": r.get("pack", {}).get("size"), "grad_scaler": r.get("grad_scaler")}
+        for r in runs
+    ]
+    if len(runs) != 4 or any(r["status"] != "completed" for r in runs):
+        row["exit"] = 1
+    return row
+
+
 def compare(result: dict[str, Any]) -> None:
     """Graphs against eager: the largest difference of each history column."""
     g, e = result["runs"].get("graphs", {}).get("history"), result["runs"].get("eager", {}).get("history")
@@ -94,9 +117,12 @@ def main() -> None:
     names = [n for n in RUNS if not (n == "fp16" and args.device == "cpu")]  # fp16 autocast needs a GPU
     result: dict[str, Any] = {"gpu": gpu(), "runs": {}}
     tmp = Path(tempfile.mkdtemp(prefix="gpu-smoke-"))
-    for name in names:
+    packed = "pack fp16" if args.device == "cuda" else "pack bf16"
+    for name in [*names, packed]:
         print(f"-- {name}", flush=True)
-        result["runs"][name] = train(name, args, tmp)
+        result["runs"][name] = (
+            pack_run(name.split()[1], args, tmp) if name == packed else train(name, args, tmp)
+        )
         compare(result)
         result["problems"] = problems(result, args.device)
         (args.out / "smoke.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -80,9 +80,13 @@ def test_gpu_script_rehearses_on_cpu_without_wandb_or_submitit(tmp_path: Path, d
     smoke = json.loads((tmp_path / "smoke.json").read_text())
     assert smoke["problems"] == [] and smoke["gpu"]["cuda_available"] is False
     runs = smoke["runs"]
-    assert list(runs) == ["graphs", "eager", "bf16"], "no fp16 on a CPU"
-    assert {runs[n]["precision"] for n in runs} == {"no", "bf16"}
-    assert all(runs[n]["final_val_acc"] > 0.9 for n in runs)
+    assert list(runs) == ["graphs", "eager", "bf16", "pack bf16"], "no fp16 on a CPU"
+    singles = ("graphs", "eager", "bf16")
+    assert {runs[n]["precision"] for n in singles} == {"no", "bf16"}
+    assert all(runs[n]["final_val_acc"] > 0.9 for n in singles)
+    # tiny.yaml's 4 members as 2 packs of 2 in bf16: the per-member kernels under autocast.
+    assert [m["status"] for m in runs["pack bf16"]["members"]] == ["completed"] * 4
+    assert {m["pack"] for m in runs["pack bf16"]["members"]} == {2}
     assert runs["graphs"]["cuda_graphs"] == {"applies": False, "captures": 0, "replays": 0, "failure": None}
     # On a CPU both runs are eager: any difference would be nondeterminism, not the graphs.
     assert smoke["graphs_vs_eager_max_diff_val_loss"] == 0.0
