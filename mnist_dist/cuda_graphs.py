@@ -123,9 +123,6 @@ class StepGraphs:
         self.captures, self._replays, self.failure = 0, 0, None
 
     def reset(self) -> None:
-        self._retire()
-
-    def _retire(self) -> None:
         if self.current is not None:
             self._replays += self.current.replays
         self.current = None
@@ -134,7 +131,7 @@ class StepGraphs:
         if not self.enabled:
             return None
         if self.current is None or not self.current.reads(buffers):
-            self._retire()
+            self.reset()
             try:
                 self.current = make()
             except RuntimeError as e:

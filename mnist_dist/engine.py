@@ -177,9 +177,8 @@ class Engine:
         # A GPU needs a pack's members in one batched matmul per product; on a CPU each member makes
         # its own products, bitwise its run alone (member_linear.py).
         self.core.batched = self.device.type == "cuda" and len(self.core) > 1
-        self.alive = torch.ones(len(self.core), dtype=torch.bool, device=self.device)
-        # d total / d loss_i per member: 1 (0 once frozen). Backward takes it as the losses' gradient,
-        # so each member's gradient is its own loss's, and a frozen member's none of the others'.
+        # d total / d loss_i per member: 1, or 0 once frozen (so also who is alive). Backward takes it
+        # as the losses' gradient: each member's gradient is its own loss's, a frozen member's none.
         self.loss_grad = torch.ones(len(self.core), device=self.device)
         self.scaler = _member_scaler(self.accelerator, self.optimizer, len(self.core))
         self.optimizer_step, self.zero_grad, self.backward = _step_functions(
@@ -240,12 +239,11 @@ class Engine:
     def set_lrs(self, lrs: list[float]) -> None:
         """Each member's lr for the next steps; a frozen member's stays 0."""
         values = torch.tensor(lrs, dtype=torch.float32, device=self.device)
-        self.optimizer.optimizer.set_lrs(torch.where(self.alive, values, 0.0))
+        self.optimizer.optimizer.set_lrs(values * self.loss_grad)  # lrs are finite: x 1 or x 0 exactly
 
     def freeze(self, members: list[int]) -> None:
         """Stop training these members (their loss went non-finite): lr 0 and out of the loss, so
         the others go on exactly as without them."""
-        self.alive[members] = False
         self.loss_grad[members] = 0.0
         self.set_lrs([group_lr for group in self.optimizer.param_groups for group_lr in group["lr"].tolist()])
 

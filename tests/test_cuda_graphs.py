@@ -127,7 +127,7 @@ def syncing_capture(eng, train):
     real_backward = eng.backward
 
     def backward(loss, gradient):
-        bool(eng.alive.all())
+        bool(eng.loss_grad.all())
         return real_backward(loss, gradient=gradient)
 
     eng.backward = backward
