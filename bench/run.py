@@ -135,7 +135,7 @@ def median_of(rows: list[dict[str, Any]], key: str) -> float:
 def machine() -> dict[str, Any]:
     import torch
 
-    from mnist_dist import provenance
+    from mnist_dist.store import provenance
 
     cpu = provenance.cpu()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None

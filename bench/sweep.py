@@ -291,7 +291,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     from bench.run import machine
     from mnist_dist.config import TrainConfig
-    from mnist_dist.sweep_run import local_workers
+    from mnist_dist.sweep.local import local_workers
 
     workers = local_workers(TrainConfig(device=args.device))[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))

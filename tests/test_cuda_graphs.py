@@ -30,7 +30,8 @@ import atexit, json, sys
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from mnist_dist import cli, cuda_graphs
+from mnist_dist import cli
+from mnist_dist.train import cuda_graphs
 
 counts = {"captures": 0, "replays": 0}
 
@@ -120,8 +121,8 @@ sys.exit(cli.main(sys.argv[1:]))
 # stand-in must refuse it during capture, and the engine fall back to eager steps.
 SYNCING = STAND_IN.replace(
     "cuda_graphs.capture = capture",
-    """from mnist_dist import engine
-real_capture = engine._capture
+    """from mnist_dist.train import engine
+real_capture = engine.Engine._capture
 
 def syncing_capture(eng, train):
     real_backward = eng.backward
@@ -136,14 +137,14 @@ def syncing_capture(eng, train):
     finally:
         eng.backward = real_backward
 
-engine._capture = syncing_capture
+engine.Engine._capture = syncing_capture
 cuda_graphs.capture = capture""",
 )
 
 # Each phase's lrs written into new tensors, not the captured ones: the engine must capture again.
 REPLACED_LRS = STAND_IN.replace(
     "cuda_graphs.capture = capture",
-    """from mnist_dist import member_sgd
+    """from mnist_dist.train import member_sgd
 real_set_lrs = member_sgd.MemberSGD.set_lrs
 
 def replacing(self, lrs):

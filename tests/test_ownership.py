@@ -80,8 +80,8 @@ def test_the_lock_of_a_killed_run_is_taken_over(tmp_path: Path, data_env: dict):
 
 def test_a_lock_is_refused_while_fresh_and_taken_over_once_not_refreshed(tmp_path: Path, monkeypatch):
     """A holder on another host cannot be asked whether it lives: only its refreshes tell."""
-    from mnist_dist import ownership
     from mnist_dist.errors import UserError
+    from mnist_dist.store import ownership
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
@@ -101,7 +101,7 @@ def test_a_lock_is_refused_while_fresh_and_taken_over_once_not_refreshed(tmp_pat
 
 
 def test_the_lock_is_refreshed_while_the_run_lives(tmp_path: Path, monkeypatch):
-    from mnist_dist import ownership
+    from mnist_dist.store import ownership
 
     monkeypatch.setenv(ownership.STALE_ENV, "0.5")  # refresh every 0.1 s
     lock = ownership.RunLock(tmp_path / "run").acquire()

@@ -19,10 +19,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mnist_dist import packs, sweeps
 from mnist_dist.config import TrainConfig
-from mnist_dist.sweep_run import local_workers
-from mnist_dist.threads import usable_cpus
+from mnist_dist.sweep import packing as packs
+from mnist_dist.sweep import spec as sweeps
+from mnist_dist.sweep.layout import SweepDir
+from mnist_dist.sweep.local import local_workers
+from mnist_dist.train.threads import usable_cpus
 
 from conftest import ROOT, SHORT_PHASES, accelerate_launch, env_with, load_json, ok, run_cli, run_history
 from test_train import assert_same_history
@@ -204,12 +206,12 @@ def test_a_two_process_pack_equals_the_one_process_pack(tmp_path: Path, data_env
     ok(subprocess.run(cmd, capture_output=True, text=True, env=data_env, cwd=ROOT))
     one = member_dirs(tmp_path / "one")
     pack = Path(load_json(next(iter(one.values())) / "run.json")["pack"]["dir"])
-    configs = json.loads((pack / packs.MEMBERS_FILE).read_text())
+    configs = json.loads((pack / SweepDir.PACK_MEMBERS).read_text())
     for c in configs:
         c["output_dir"] = str(tmp_path / "two" / Path(c["output_dir"]).name)
     (tmp_path / "pack2").mkdir(mode=0o700)
-    (tmp_path / "pack2" / packs.MEMBERS_FILE).write_text(json.dumps(configs))
-    proc = ok(accelerate_launch(*TWO, "mnist_dist.cli", "sweep", "pack", tmp_path / "pack2", env=data_env))
+    (tmp_path / "pack2" / SweepDir.PACK_MEMBERS).write_text(json.dumps(configs))
+    proc = ok(accelerate_launch(*TWO, "mnist_dist.sweep.pack_process", tmp_path / "pack2", env=data_env))
     assert proc.stdout.count("Epoch [3], 2 members") == 1, "only the main process prints"
     for member, run_dir in one.items():
         two = tmp_path / "two" / member
@@ -304,12 +306,11 @@ def test_bad_pack_options_are_exit_2(tmp_path: Path, args: list[str], message: s
     assert not (tmp_path / "s").exists()
 
 
-def test_a_big_pack_draws_its_members_figures_in_parallel_processes(tmp_path: Path, monkeypatch):
+def test_a_big_pack_draws_its_members_figures_in_parallel_processes(tmp_path: Path):
     """plot_all with CPUs to spare (here said to be 4) and 16 members: 2 spawned processes draw them,
     and every member gets both figures."""
-    from mnist_dist import outputs, threads
+    from mnist_dist.store import outputs
 
-    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
     history = [{"epoch": 0, "phase": None, "val_loss": 2.3, "val_acc": 0.1}]
     history += [{"epoch": e, "phase": e // 3, "val_loss": 1 / e, "val_acc": 0.9} for e in (1, 2, 3, 4)]
     runs = []
@@ -317,7 +318,7 @@ def test_a_big_pack_draws_its_members_figures_in_parallel_processes(tmp_path: Pa
         (tmp_path / f"m{i}").mkdir()
         runs.append((outputs.RunDir(tmp_path / f"m{i}"), history))
     runs.append((outputs.NullRunDir(tmp_path / "not-main"), history))
-    outputs.plot_all(runs)
+    outputs.plot_all(runs, cpus=4)
     for i in range(16):
         for name in ("loss.png", "accuracy.png"):
             assert (tmp_path / f"m{i}" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", (i, name)

@@ -87,7 +87,7 @@ def test_kill_9_mid_epoch_then_resume_is_exact(seed_run: Path, tmp_path: Path, d
 # the main process is about to seal it: the kill lands in the middle of a real save.
 SLOW_SAVE = """
 import pathlib, sys, time
-from mnist_dist import checkpoint
+from mnist_dist.store import checkpoint
 seal = checkpoint.seal
 def slow(tmp, progress):
     if progress.epochs_done == 5:
@@ -202,7 +202,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path: Path, data_env: dic
     assert proc.returncode == 1 and "in phase 2, epoch 3, lr 1e+38" in proc.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
     assert load_json(out / "run.json")["status"] == "failed"
-    assert len(load_json(out / "checkpoints/epoch-0002/progress.json")["history"]) == 3
+    assert len(load_json(out / "checkpoints/epoch-0002/progress.json")["members"][0]["history"]) == 3
 
 
 def test_run_directories_are_private_and_hold_no_secrets(tmp_path: Path, mnist_dir: Path):
@@ -240,20 +240,19 @@ def test_run_directories_are_private_and_hold_no_secrets(tmp_path: Path, mnist_d
 
 
 def test_remaining_starts_at_the_first_epoch_not_done():
-    from mnist_dist.checkpoint import Progress
     from mnist_dist.config import TrainConfig
-    from mnist_dist.run import Stretch, remaining
-    from mnist_dist.stopping import ResumePoint
+    from mnist_dist.store.checkpoint import Progress, ResumePoint
+    from mnist_dist.train.schedule import Stretch, remaining
 
     cfg = TrainConfig()  # 5 epochs at 0.5, then 5 at 0.1
     assert remaining([cfg], Progress(epochs_done=0)) == [Stretch(0, (0.5,), 1, 5), Stretch(1, (0.1,), 6, 5)]
     # Stopped in epoch 3 before step 150: epoch 3 resumes there, the next phase starts fresh.
-    assert remaining([cfg], Progress(epochs_done=2, step=150, loss_sum=12.5)) == [
-        Stretch(0, (0.5,), 3, 3, ResumePoint(150, 12.5)),
+    assert remaining([cfg], Progress(epochs_done=2, step=150, loss_sums=[12.5])) == [
+        Stretch(0, (0.5,), 3, 3, ResumePoint(150, (12.5,))),
         Stretch(1, (0.1,), 6, 5),
     ]
-    assert remaining([cfg], Progress(epochs_done=5, step=7, loss_sum=1.0)) == [
-        Stretch(1, (0.1,), 6, 5, ResumePoint(7, 1.0))
+    assert remaining([cfg], Progress(epochs_done=5, step=7, loss_sums=[1.0])) == [
+        Stretch(1, (0.1,), 6, 5, ResumePoint(7, (1.0,)))
     ]
     assert remaining([cfg], Progress(epochs_done=10)) == []
     # A pack: one lr per member in each phase.
@@ -266,10 +265,10 @@ def test_a_loaded_checkpoint_puts_the_members_lrs_back_on_this_device(tmp_path: 
     device's tensors, and the next fit sets this device's again (a CPU checkpoint resumed on a GPU)."""
     import torch
 
-    from mnist_dist.checkpoint import Progress, folder
     from mnist_dist.config import TrainConfig
-    from mnist_dist.engine import Engine
-    from mnist_dist.model import MnistPack
+    from mnist_dist.store.checkpoint import Progress, folder
+    from mnist_dist.train.engine import Engine
+    from mnist_dist.train.model import MnistPack
 
     engine = Engine(
         TrainConfig(device="cpu", tracker="none"), tmp_path, lambda: MnistPack.seeded([1, 1, 2], 32)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mnist_dist import wandb_file
+from mnist_dist.track import wandb_file
 
 from conftest import ROOT, load_json, ok, run_cli, run_history
 
@@ -178,8 +178,8 @@ def test_a_checkpoint_without_progress_file_is_named_as_such(stopped: Path, tmp_
 
 
 def test_an_altered_progress_file_is_refused(stopped: Path, tmp_path: Path):
-    from mnist_dist import checkpoint
     from mnist_dist.errors import UserError
+    from mnist_dist.store import checkpoint
 
     src = copy_of(stopped, tmp_path / "src")
     progress = src / "checkpoints" / STEP_50 / "progress.json"

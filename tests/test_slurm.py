@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist import wandb_file
+from mnist_dist.track import wandb_file
 
 from conftest import ROOT, SECRETS, SHORT_PHASES, load_json, ok, run_cli
 

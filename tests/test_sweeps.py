@@ -11,12 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from mnist_dist import packs, sweeps, wandb_file
+from mnist_dist.sweep import spec as sweeps
+from mnist_dist.sweep.layout import SweepDir
+from mnist_dist.track import wandb_file
 
 from conftest import ROOT, SHORT_PHASES, load_json, ok, run_cli, run_history
 
@@ -229,7 +230,7 @@ def test_sweep_submit_is_one_array_and_a_preempted_task_is_requeued_alone(
     tasks = load_json(root / "sweep.json")["jobs"][0]["tasks"]
     assert [len(t) for t in tasks] == [2, 2], "4 members, 2 per task: one array of 2 tasks"
     # Each task trains its 2 members as one pack; preempt task 1 after its pack's first checkpoint.
-    pack = packs.pack_dir(root, [SimpleNamespace(id=m) for m in tasks[1]])
+    pack = SweepDir(root).pack(tasks[1])
     _until(lambda: (pack / "checkpoints" / "epoch-0001").is_dir())
     subprocess.run(["scancel", "--signal=USR2", f"{job}_1"], check=True)
 

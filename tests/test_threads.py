@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist.threads import Threads, _cgroup_quota, decide
+from mnist_dist.train.threads import Threads, _cgroup_quota, decide
 
 from conftest import ROOT, env_with, load_json, ok, run_cli, run_history
 

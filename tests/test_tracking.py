@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mnist_dist import tracking, wandb_file
 from mnist_dist.config import TrainConfig
-from mnist_dist.provenance import host
+from mnist_dist.store.provenance import host
+from mnist_dist.track import trackers as tracking
+from mnist_dist.track import wandb_file
 
 from conftest import ROOT, env_with, load_json, ok, run_cli
 

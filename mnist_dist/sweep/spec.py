@@ -1,0 +1,305 @@
+"""A sweep: one config run many times over swept keys (lrs, schedules, seeds...), each run an ordinary
+run directory, compared in one table.
+
+    SWEEP_DIR/sweep.json          the spec, every member's id and swept values, the array job if any
+    SWEEP_DIR/members/<id>/       each member's run dir: history.json, run.json, checkpoints, plots...
+    SWEEP_DIR/results.{json,csv}  `mnist-dist sweep results`, with curves.png and final-<key>.png
+
+The spec is the part of W&B's sweep configuration that needs no W&B server, so a W&B sweep file runs
+unchanged: `method` grid or random (bayes learns from finished runs on W&B's server: refused),
+`parameters` with `values`, `value` or a `distribution`, `metric`, `run_cap`/`count`, and `program`,
+`command`, `project`, `entity`, `description`, which are noted and ignored. Keys are the dotted config
+keys `--set` takes. A member's id is a hash of its whole config, so running or submitting the same
+sweep again skips finished members and resumes interrupted ones from their checkpoints.
+No torch here: the CLI validates every member before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.config import NAME_PATTERN, TrainConfig, build_config, parse_yaml, raw_config, set_key
+from mnist_dist.errors import UserError
+from mnist_dist.sweep.layout import SweepDir
+
+SPEC_KEYS = {"name", "method", "base", "parameters", "metric", "run_cap", "count"}
+NOTED = {"program", "command", "project", "entity", "description"}  # W&B's: accepted, not used
+PARAM_KEYS = {"values", "value", "distribution", "min", "max", "probabilities"}
+DISTRIBUTIONS = {"uniform", "log_uniform_values", "int_uniform", "categorical"}
+METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
+CONFIRM_ABOVE = 1000
+
+
+@dataclass
+class Spec:
+    name: str
+    method: str
+    parameters: dict[str, dict[str, Any]]
+    metric: str = "val_acc"
+    goal: str = "maximize"
+    count: int | None = None
+    base: Path | None = None
+    path: Path = Path("sweep.yaml")
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def swept(self) -> list[str]:
+        """The keys that take more than one value, in the spec's order."""
+        return [k for k, p in self.parameters.items() if "distribution" in p or len(p.get("values", [])) > 1]
+
+
+@dataclass
+class Member:
+    id: str
+    params: dict[str, Any]
+    cfg: TrainConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir()
+
+
+def _fail(path: Path, what: str) -> UserError:
+    return UserError(f"sweep file {path}: {what}")
+
+
+def read_spec(path: Path) -> Spec:
+    """The validated spec; UserError naming the file and the key for anything it cannot run."""
+    if not path.is_file():
+        raise UserError(f"sweep file {path} not found; see configs/sweeps/ for examples")
+    try:
+        raw = parse_yaml(path.read_text())
+    except Exception as e:  # YAMLError, UnicodeDecodeError, OSError
+        raise _fail(path, f"not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise _fail(path, f"expected a mapping of keys at the top level, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - SPEC_KEYS - NOTED)
+    if unknown:
+        raise _fail(path, f"unknown key '{unknown[0]}'; allowed: {', '.join(sorted(SPEC_KEYS | NOTED))}")
+    name = raw.get("name", re.sub(r"[^A-Za-z0-9._-]", "-", path.stem))
+    if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
+        raise _fail(path, f"name {name!r}: use letters, digits and . _ - (up to 64)")
+    method = raw.get("method", "grid")
+    if method == "bayes":
+        raise _fail(
+            path, "method 'bayes' needs W&B's sweep server (it learns from finished runs); use grid or random"
+        )
+    if method not in ("grid", "random"):
+        raise _fail(path, f"method {method!r}: use grid or random")
+    spec = Spec(name, method, _parameters(path, raw.get("parameters")), path=path)
+    spec.metric, spec.goal = _metric(path, raw.get("metric"))
+    spec.count = _count(path, raw, method)
+    if raw.get("base") is not None:
+        spec.base = _base(path, raw["base"])
+    spec.notes = [f"'{k}' is W&B's; noted and not used here" for k in sorted(NOTED & set(raw))]
+    return spec
+
+
+def _parameters(path: Path, params: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(params, dict) or not params:
+        raise _fail(
+            path, "'parameters' must map config keys to {values: [...]}, {value: x} or a distribution"
+        )
+    out = {}
+    for key, p in params.items():
+        where = f"parameter '{key}'"
+        if not isinstance(p, dict):
+            raise _fail(path, f"{where}: write {{values: [...]}} or {{value: x}}, not {p!r}")
+        if "parameters" in p:
+            raise _fail(path, f"{where}: nested parameters are not supported; use dotted keys (phases.0.lr)")
+        unknown = sorted(set(p) - PARAM_KEYS)
+        if unknown:
+            raise _fail(
+                path, f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(sorted(PARAM_KEYS))}"
+            )
+        if "value" in p:
+            p = {"values": [p["value"]]}
+        elif "values" in p and p.get("distribution", "categorical") == "categorical":
+            if not isinstance(p["values"], list) or not p["values"]:
+                raise _fail(path, f"{where}: 'values' must be a non-empty list")
+            p = {"values": p["values"]}
+        else:
+            p = _distribution(path, where, p)
+        out[str(key)] = p
+    return out
+
+
+def _distribution(path: Path, where: str, p: dict[str, Any]) -> dict[str, Any]:
+    kind = p.get("distribution")
+    if kind not in DISTRIBUTIONS:
+        raise _fail(path, f"{where}: distribution {kind!r}; use one of {', '.join(sorted(DISTRIBUTIONS))}")
+    low, high = p.get("min"), p.get("max")
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+    if not numbers or not low < high:
+        raise _fail(path, f"{where}: {kind} needs numbers min < max")
+    if kind == "log_uniform_values" and low <= 0:
+        raise _fail(path, f"{where}: log_uniform_values needs min > 0")
+    if kind == "int_uniform" and not all(isinstance(v, int) for v in (low, high)):
+        raise _fail(path, f"{where}: int_uniform needs whole numbers min and max")
+    return {"distribution": kind, "min": low, "max": high}
+
+
+def _metric(path: Path, metric: Any) -> tuple[str, str]:
+    if metric is None:
+        return "val_acc", "maximize"
+    if not isinstance(metric, dict) or metric.get("name") not in METRICS:
+        raise _fail(
+            path, f"metric {metric!r}: write {{name: val_acc, goal: maximize}} (or val_loss, train_loss)"
+        )
+    goal = metric.get("goal", METRICS[metric["name"]])
+    if goal not in ("maximize", "minimize"):
+        raise _fail(path, f"metric goal {goal!r}: use maximize or minimize")
+    return metric["name"], goal
+
+
+def _count(path: Path, raw: dict[str, Any], method: str) -> int | None:
+    count = raw.get("run_cap", raw.get("count"))
+    if count is None:
+        if method == "random":
+            raise _fail(path, "method random needs run_cap (or count): how many members to draw")
+        return None
+    if type(count) is not int or not 1 <= count <= 1_000_000:
+        raise _fail(path, f"run_cap {count!r}: a whole number of members from 1 to 1,000,000")
+    return count
+
+
+def _base(path: Path, base: Any) -> Path:
+    if not isinstance(base, str):
+        raise _fail(path, f"base {base!r}: the path of a config file")
+    for candidate in (Path(base), path.parent / base):
+        if candidate.is_file():
+            return candidate
+    raise _fail(path, f"base config {base} not found (relative to here or to the sweep file)")
+
+
+def combinations(spec: Spec) -> list[dict[str, Any]]:
+    """Every member's swept values: the grid's product, or `count` seeded draws (the same each time)."""
+    keys = list(spec.parameters)
+    if spec.method == "grid":
+        for key, p in spec.parameters.items():
+            if "values" not in p:
+                raise _fail(spec.path, f"parameter '{key}': grid takes values, not a distribution")
+        grid = [
+            dict(zip(keys, combo, strict=True))
+            for combo in itertools.product(*(spec.parameters[k]["values"] for k in keys))
+        ]
+        return grid[: spec.count] if spec.count else grid
+    rng = random.Random(int(hashlib.sha256(spec.name.encode()).hexdigest()[:16], 16))
+    return [{k: _draw(rng, spec.parameters[k]) for k in keys} for _ in range(spec.count or 0)]
+
+
+def _draw(rng: random.Random, p: dict[str, Any]) -> Any:
+    if "values" in p:
+        return rng.choice(p["values"])
+    low, high = p["min"], p["max"]
+    if p["distribution"] == "int_uniform":
+        return rng.randint(low, high)
+    if p["distribution"] == "log_uniform_values":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    return rng.uniform(low, high)
+
+
+def sweep_dir(spec: Spec, output_dir: str | None) -> Path:
+    return Path(output_dir) if output_dir else Path("runs") / "sweeps" / spec.name
+
+
+def member_id(cfg: TrainConfig) -> str:
+    """A stable short hash of everything in the member's config but where it is written."""
+    what = cfg.model_dump(mode="json", exclude={"name", "output_dir", "sweep"})
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def members(
+    spec: Spec, root: Path, overrides: dict[str, Any], sets: list[str] | None, confirm: bool = False
+) -> list[Member]:
+    """Every member with its full, validated config (base, then TRAIN OPTIONS, then its swept values)."""
+    combos = combinations(spec)
+    if len(combos) > CONFIRM_ABOVE and not confirm:
+        raise UserError(f"sweep {spec.name} has {len(combos):,} members; pass --yes to run that many")
+    base = raw_config(spec.base, overrides, sets)
+    # `threads: auto` (the default, and seed.yaml's) is one CPU thread in a sweep: a sweep uses the
+    # cores through processes (packs.py), one per CPU, and one thread makes a member's numbers the
+    # same in a pack of any size and equal to `mnist-dist train --config members/<id>/config.yaml`.
+    # A number of threads set in the base, the options or the parameters is kept.
+    if base.get("threads", "auto") == "auto":
+        base["threads"] = 1
+    out, seen = [], set()
+    for index, params in enumerate(combos, 1):
+        raw = json.loads(json.dumps(base))
+        described = ", ".join(f"{k}={v}" for k, v in params.items())
+        origin = f"sweep file {spec.path}: member {index} ({described})"
+        for key, value in params.items():
+            set_key(raw, key, value, f"{origin}: key '{key}'")
+        cfg = build_config(raw, origin)
+        mid = member_id(cfg)
+        if mid in seen:
+            continue  # a random draw or a grid that repeats a config: one run
+        seen.add(mid)
+        swept = {k: v for k, v in params.items() if k in spec.swept} or params
+        update = {
+            "name": f"{spec.name}-{mid}"[-64:].lstrip("-._") or mid,
+            "output_dir": str(SweepDir(root).member(mid)),
+            "sweep": {"name": spec.name, "member": mid, "params": swept},
+        }
+        out.append(Member(mid, params, TrainConfig.model_validate({**cfg.model_dump(mode="json"), **update})))
+    return out
+
+
+def write_manifest(root: Path, spec: Spec, found: list[Member], **extra: Any) -> None:
+    """sweep.json: what `status` and `results` read (no need of the spec file afterwards)."""
+    from mnist_dist.store.atomic import write_atomic
+    from mnist_dist.store.ownership import private_dir
+
+    private_dir(root, "sweep dir")
+    old = read_manifest(root) if SweepDir(root).manifest.is_file() else {}
+    manifest = {
+        "name": spec.name,
+        "method": spec.method,
+        "metric": {"name": spec.metric, "goal": spec.goal},
+        "swept": spec.swept,
+        "spec": str(spec.path),
+        "members": [{"id": m.id, "params": m.params} for m in found],
+        **{k: v for k, v in old.items() if k in ("jobs",)},
+        **extra,
+    }
+    write_atomic(SweepDir(root).manifest, json.dumps(manifest, indent=1) + "\n")
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = SweepDir(root).manifest
+    if not path.is_file():
+        raise UserError(
+            f"{root} is not a sweep dir (no {SweepDir.MANIFEST}); pass the dir `mnist-dist sweep run` wrote"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}); run the sweep again to rewrite it") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list):
+        raise UserError(f"{path} is not a sweep manifest; run the sweep again to rewrite it")
+    return manifest
+
+
+def member_state(run_dir: Path) -> str:
+    """pending (not started), running (its lock is live), done, failed, or stopped (preempted or
+    interrupted: the next run resumes it)."""
+    from mnist_dist.store.ownership import holder
+
+    if holder(run_dir) is not None:
+        return "running"
+    from mnist_dist.store.outputs import HISTORY, read_status
+
+    status = read_status(run_dir)
+    if status is None:
+        return "pending"
+    if status == "completed" and (run_dir / HISTORY).is_file():
+        return "done"
+    return {"failed": "failed", "running": "stopped"}.get(status, "stopped")
