@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,10 +49,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
     )
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launcher(*args: str) -> list[str]:
+    """`accelerate launch ARGS`, on a port of its own unless ARGS name one: a test that launches twice
+    at once, or a launcher still closing from the test before, never meets another on the default."""
+    given = any(str(a).startswith("--main_process_port") for a in args)
+    port = [] if given else ["--main_process_port", str(free_port())]
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", *port, *map(str, args)]
+
+
 def accelerate_launch(*args: str, env: dict[str, str] | None = None, timeout: float = 900):
-    exe = Path(sys.executable).with_name("accelerate")
     return subprocess.run(
-        [str(exe), "launch", *map(str, args)],
+        launcher(*args),
         capture_output=True,
         text=True,
         timeout=timeout,

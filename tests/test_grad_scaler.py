@@ -24,14 +24,14 @@ import torch
 from mnist_dist import cli
 from mnist_dist.train import engine
 
-real = engine._accelerator
+real = engine.make_accelerator
 
 def accelerator(cfg, run_dir):
     acc = real(cfg, run_dir)
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=100)
     return acc
 
-engine._accelerator = accelerator
+engine.make_accelerator = accelerator
 sys.exit(cli.main(sys.argv[1:]))
 """
 

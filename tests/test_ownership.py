@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, accelerate_launch, load_json, ok, run_cli
+from conftest import ROOT, accelerate_launch, launcher, load_json, ok, run_cli
 from test_resume import SEED, assert_identical
 from test_train import TWO_GLOO
 
@@ -185,10 +185,9 @@ def test_under_a_launcher_the_main_process_holds_the_lock_for_all(tmp_path: Path
     """accelerate launch: rank 0 takes the lock after the process group exists; a second writer of
     either kind is refused, a launched one on every rank (they agree through one all-reduce)."""
     out = tmp_path / "launched"
-    launch = [str(Path(sys.executable).with_name("accelerate")), "launch", *TWO_GLOO]
     long_run = [*SEED, "--phases", "50x0.5", "--output-dir", str(out)]  # stopped by the test, not run out
     holder_proc = subprocess.Popen(
-        [*launch, *long_run],
+        launcher(*TWO_GLOO, *long_run),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=data_env,

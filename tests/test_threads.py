@@ -13,7 +13,7 @@ import pytest
 
 from mnist_dist.train.threads import Threads, _cgroup_quota, decide
 
-from conftest import ROOT, env_with, load_json, ok, run_cli, run_history
+from conftest import ROOT, env_with, free_port, load_json, ok, run_cli, run_history
 
 JOB = {"SLURM_JOB_ID": "7"}
 
@@ -74,6 +74,7 @@ def test_a_launch_of_one_process_has_no_process_group(tmp_path: Path, data_env: 
     would build a gloo group of one and wrap the model in DDP. The run is the plain one, to the bit."""
     launched = tmp_path / "launched"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1"]
+    torchrun += ["--master_port", str(free_port())]  # a free one, not the default
     args = ["-m", "mnist_dist.train", "-c", str(ROOT / "configs/smoke.yaml"), "--output-dir", str(launched)]
     launch = subprocess.run([*torchrun, *args], capture_output=True, text=True, env=data_env, cwd=ROOT)
     ok(launch)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import yaml
 
 from mnist_dist.config import TrainConfig
 
-from conftest import ROOT, accelerate_launch, load_json, ok, run_cli
+from conftest import ROOT, accelerate_launch, free_port, load_json, ok, run_cli
 
 # Two gloo processes on a CPU-only machine (MULTI_GPU's launcher; Accelerate reports MULTI_CPU inside).
 TWO_GLOO = ("--multi_gpu", "--num_processes", "2", "-m", "mnist_dist.train")
@@ -167,12 +166,6 @@ def test_launch_config_file_for_two_cpu_processes(tmp_path: Path, data_env: dict
         )
     )
     assert load_json(out / "run.json")["world_size"] == 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_gpu_and_multi_node_launch_files_run_as_written(tmp_path: Path, data_env: dict[str, str]):
@@ -425,3 +418,24 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path: Path
     history = load_json(out / "history.json")
     assert [e["epoch"] for e in history] == [0, 1, 2, 3]
     assert load_json(out / "run.json")["status"] == "completed"
+
+
+def test_a_run_imports_no_compiler_and_no_sharding(tmp_path: Path, data_env: dict[str, str]):
+    """Accelerate's questions (compiled? DTensor? FSDP?) are answered without importing the parts of
+    torch that hold the answers: a run and its checkpoints never load torch._dynamo, DTensor or FSDP
+    (seconds of every process's start-up), and the run is the same run."""
+    script = (
+        "import sys\nfrom mnist_dist.cli import main\ncode = main(sys.argv[1:])\n"
+        "heavy = ('torch._dynamo', 'torch.distributed.tensor', 'torch.distributed.fsdp')\n"
+        "print('LOADED', [m for m in heavy if m in sys.modules])\nsys.exit(code)\n"
+    )
+    args = ["train", "-c", ROOT / "configs/smoke.yaml", "--output-dir", tmp_path / "run", "--tracker", "none"]
+    proc = ok(
+        subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=data_env
+        )
+    )
+    assert "LOADED []" in proc.stdout, proc.stdout[-500:]
+    history = load_json(tmp_path / "run/history.json")
+    assert len(history) == 3 and history[-1]["val_acc"] > 0.9
+    assert (tmp_path / "run/checkpoints/epoch-0002").is_dir()

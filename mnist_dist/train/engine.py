@@ -1,4 +1,5 @@
-"""The training engine: the one place that talks to Accelerate (device, processes, precision).
+"""The training engine: the one place that talks to Accelerate (device, processes, precision),
+through the Accelerator that accelerator.py makes.
 
 The tutorial's `evaluate` and `fit` live here, written once for every topology: one CPU process, one
 GPU, N processes on a node, N nodes. Per step there is no host sync: metrics are accumulated on the
@@ -24,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
@@ -33,6 +32,13 @@ from mnist_dist.store import checkpoint, datafiles, provenance
 from mnist_dist.store.checkpoint import ResumePoint
 from mnist_dist.track import trackers as tracking
 from mnist_dist.train import cuda_graphs, data, threads
+from mnist_dist.train.accelerator import (
+    Accelerator,
+    DistributedType,
+    gather_object,
+    make_accelerator,
+    set_seed,
+)
 from mnist_dist.train.member_scaler import MemberGradScaler
 from mnist_dist.train.member_sgd import MemberSGD
 from mnist_dist.train.model import MnistPack
@@ -48,47 +54,6 @@ class EpochResult:
     metrics: list[dict[str, Any]]
     train_loss: list[float]
     seconds: float
-
-
-# What torchrun, `accelerate launch --multi_gpu` and submitit export for torch.distributed.
-_WORLD_ENV = (
-    "RANK",
-    "LOCAL_RANK",
-    "GROUP_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
-
-
-def _no_world_of_one() -> None:
-    """A world of one process needs no process group: without this, Accelerate builds a gloo (or
-    NCCL) group of one and wraps the model in DDP: a collective per step for nothing to share."""
-    if os.environ.get("WORLD_SIZE", "").strip() == "1":
-        for name in _WORLD_ENV:
-            os.environ.pop(name, None)
-
-
-def _accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
-    """The Accelerator for this config; device and precision are checked here and nowhere else."""
-    _no_world_of_one()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no GPU is visible; use --device auto or cpu")
-    if cfg.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("precision 'fp16' needs a GPU (no fp16 autocast on CPU); use --precision bf16 or no")
-    log_with = [] if cfg.tracker == "none" else [cfg.tracker]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Accelerator(
-            # Without cpu=True, a CPU-only `accelerate launch --multi_gpu` run would report 1 process.
-            cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
-            mixed_precision=cfg.precision,
-            log_with=log_with,
-            project_config=ProjectConfiguration(
-                project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
-            ),
-        )
 
 
 def _step_functions(accelerator: Accelerator, optimizer: Any, scaler: MemberGradScaler | None) -> tuple:
@@ -120,7 +85,7 @@ class Processes:
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
         self.cfg, self.run_dir = cfg, run_dir
         self.threads = threads.use(cfg.threads)  # before any parallel work
-        self.accelerator = _accelerator(cfg, run_dir)
+        self.accelerator = make_accelerator(cfg, run_dir)
         # A CPU process group without OMP_NUM_THREADS makes Accelerate set physical cores / local
         # processes threads: put the decided count back.
         torch.set_num_threads(self.threads.count)
@@ -224,7 +189,10 @@ class Engine(Processes):
         lrs = [torch.full((size,), cfg.phases[0].lr) for size in model.sizes]
         optimizer = MemberSGD(model.member_parameters(), lrs)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.core: MnistPack = self.accelerator.unwrap_model(self.model)  # its steps, its members
+        # Its steps, its members: the module inside DDP's wrapper (with several processes). Not
+        # accelerator.unwrap_model, which imports FSDP's package to ask whether it is one of its.
+        ddp = torch.nn.parallel.DistributedDataParallel
+        self.core: MnistPack = self.model.module if isinstance(self.model, ddp) else self.model
         # A GPU needs a pack's members in one batched matmul per product; on a CPU each member makes
         # its own products, bitwise its run alone (member_linear.py).
         self.core.batched = self.device.type == "cuda" and len(self.core) > 1
