@@ -1,6 +1,5 @@
-"""The Accelerator of a run, made once per process: the launcher's environment put right first,
-Accelerate's questions about compiled and sharded models answered without importing the parts of
-torch that hold the answers, and the device and precision the config asks for checked.
+"""The Accelerator of a run, made once per process: the launcher's environment put right first, and
+the device and precision the config asks for checked.
 
 The only module that imports Accelerate (its version aside, read for run.json): the engine gets
 what it uses of Accelerate from here.
@@ -8,12 +7,9 @@ what it uses of Accelerate from here.
 
 from __future__ import annotations
 
-import functools
 import os
-import sys
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -44,41 +40,9 @@ def _no_world_of_one() -> None:
             os.environ.pop(name, None)
 
 
-# What each of Accelerate's questions below needs imported before its answer can be yes.
-_ANSWERED_BY = {
-    "is_compiled_module": ("torch._dynamo",),
-    "has_compiled_regions": ("torch._dynamo",),
-    "model_has_dtensor": ("torch.distributed.tensor", "torch.distributed._tensor"),
-}
-
-
-def _no_needless_imports() -> None:
-    """Accelerate asks whether a model was compiled (`hasattr(torch, "_dynamo")`) or holds DTensors
-    (`from torch.distributed.tensor import DTensor`) when it prepares, unwraps or saves one, and each
-    question imports a large part of torch: seconds of every process's start-up (bench/results/
-    RESULTS.md, whole process) in a project that never compiles or shards. A module can only be
-    compiled, or hold a DTensor, once that part of torch is imported: ask sys.modules first, the
-    same answers without the imports (tests/test_train.py checks the imports stay out)."""
-    import accelerate.accelerator
-    from accelerate.utils import other
-
-    for module in (other, accelerate.accelerator):
-        for name, needed in _ANSWERED_BY.items():
-            asks = getattr(module, name, None)
-            if asks is None or hasattr(asks, "__wrapped__"):
-                continue
-
-            @functools.wraps(asks)
-            def sooner(model: torch.nn.Module, asks: Any = asks, needed: tuple = needed) -> bool:
-                return any(part in sys.modules for part in needed) and asks(model)
-
-            setattr(module, name, sooner)
-
-
 def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     """The Accelerator for this config; device and precision are checked here and nowhere else."""
     _no_world_of_one()
-    _no_needless_imports()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but no GPU is visible; use --device auto or cpu")
     if cfg.precision == "fp16" and not torch.cuda.is_available():

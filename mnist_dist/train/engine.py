@@ -189,10 +189,7 @@ class Engine(Processes):
         lrs = [torch.full((size,), cfg.phases[0].lr) for size in model.sizes]
         optimizer = MemberSGD(model.member_parameters(), lrs)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        # Its steps, its members: the module inside DDP's wrapper (with several processes). Not
-        # accelerator.unwrap_model, which imports FSDP's package to ask whether it is one of its.
-        ddp = torch.nn.parallel.DistributedDataParallel
-        self.core: MnistPack = self.model.module if isinstance(self.model, ddp) else self.model
+        self.core: MnistPack = self.accelerator.unwrap_model(self.model)  # its steps, its members
         # A GPU needs a pack's members in one batched matmul per product; on a CPU each member makes
         # its own products, bitwise its run alone (member_linear.py).
         self.core.batched = self.device.type == "cuda" and len(self.core) > 1

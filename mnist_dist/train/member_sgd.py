@@ -28,12 +28,6 @@ class MemberSGD(torch.optim.Optimizer):
         self._params: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         self._shape_lrs()
 
-    # torch.optim.Optimizer wraps these in torch._dynamo.disable, whose first call imports
-    # torch._dynamo: over a second of every run's start-up (bench/results/RESULTS.md, start-up), for
-    # an optimizer that is never compiled. The methods themselves, unwrapped:
-    add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__  # type: ignore[attr-defined]
-    state_dict = torch.optim.Optimizer.state_dict.__wrapped__  # type: ignore[attr-defined]
-
     def set_lrs(self, lrs: torch.Tensor) -> None:
         """lrs: one per member, over all groups in order."""
         if any(g["lr"].device != g["params"][0].device for g in self.param_groups):
@@ -60,7 +54,7 @@ class MemberSGD(torch.optim.Optimizer):
             first += lr.numel()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.optim.Optimizer.load_state_dict.__wrapped__(self, state_dict)  # type: ignore[attr-defined]
+        super().load_state_dict(state_dict)
         self._shape_lrs()
 
     @torch.no_grad()
