@@ -54,16 +54,23 @@ TRAINING_OPTIONS: dict[str, tuple[Any, str | None]] = {
 }
 
 
-def training_options(fn: Any) -> Any:
-    """Give a command the training options (its own parameters first, then these, as keywords)."""
+def _with_keywords(fn: Any, options: dict[str, tuple[Any, Any]], keep_rest: bool) -> Any:
+    """`fn`'s signature with `options` (name -> (annotation, default)) as keywords after its own
+    parameters; its **rest kept last when `keep_rest` (another decorator adds more), else dropped."""
     sig = inspect.signature(fn, eval_str=True)
     own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in sig.parameters.values() if keep_rest and p.kind is inspect.Parameter.VAR_KEYWORD]
     extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-        for name, (annotation, _) in TRAINING_OPTIONS.items()
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in options.items()
     ]
-    fn.__signature__ = sig.replace(parameters=own + extra)
+    fn.__signature__ = sig.replace(parameters=own + extra + rest)
     return fn
+
+
+def training_options(fn: Any) -> Any:
+    """Give a command the training options (its own parameters first, then these, as keywords)."""
+    return _with_keywords(fn, {name: (a, None) for name, (a, _) in TRAINING_OPTIONS.items()}, keep_rest=False)
 
 
 def option_overrides(opts: dict[str, Any]) -> dict[str, Any]:
@@ -106,20 +113,8 @@ SLURM_OPTIONS: dict[str, Any] = {
 
 def slurm_options(fn: Any) -> Any:
     """Give a command the Slurm options (after its own parameters), collected by `slurm_options_from`."""
-    sig = inspect.signature(fn, eval_str=True)
-    own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    keywords = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-    extra = [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            default=False if name == "allow_local" else None,
-            annotation=a,
-        )
-        for name, a in SLURM_OPTIONS.items()
-    ]
-    fn.__signature__ = sig.replace(parameters=own + extra + keywords)
-    return fn
+    defaults = {name: (a, False if name == "allow_local" else None) for name, a in SLURM_OPTIONS.items()}
+    return _with_keywords(fn, defaults, keep_rest=True)
 
 
 def slurm_options_from(opts: dict[str, Any], job_name: str, **more: Any) -> Any:
