@@ -145,6 +145,49 @@ def short_run(tmp_path_factory: pytest.TempPathFactory, data_env: dict[str, str]
     return out
 
 
+# A small sweep: 4 members (lr x seed), 2 epochs each; sweep run packs them as 2 packs of 2.
+SWEEP_PHASES = ["--phases", "1x0.5,1x0.1"]
+SWEEP_SPEC = """
+name: tiny
+method: grid
+program: train.py          # W&B's keys: noted, not used
+metric: {name: val_acc, goal: maximize}
+parameters:
+  phases.0.lr: {values: [0.1, 0.5]}
+  seed: {values: [0, 1]}
+  batch_size: {value: 128}
+"""
+
+
+def sweep_file(where: Path, text: str = SWEEP_SPEC) -> Path:
+    path = where / "sweep.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_sweep(
+    tmp_path_factory: pytest.TempPathFactory, data_env: dict
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """SWEEP_SPEC run uninterrupted by `sweep run`: the reference of stopped, faulted, shared sweeps."""
+    base = tmp_path_factory.mktemp("sweep")
+    root = base / "tiny"
+    args = ["sweep", "run", sweep_file(base), *SWEEP_PHASES, "--tracker", "none", "--output-dir", root]
+    return root, ok(run_cli(*args, env=data_env))
+
+
+def mount_tmpfs(mount: Path, size: str) -> None:
+    """A tmpfs of `size` at `mount` (a full disk on demand): CI runs as root; elsewhere skip."""
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
+    if proc.returncode:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI runs as root and must be able to mount a tmpfs: {proc.stderr.decode()}")
+        pytest.skip(f"mounting a tmpfs needs root: {proc.stderr.decode().strip()}")
+
+
 # The local Slurm cluster (slurm/cluster.sh), for test_slurm and the sweep tests.
 def _cluster_nodes() -> int:
     proc = subprocess.run(["bash", str(ROOT / "slurm/cluster.sh"), "check"], capture_output=True, text=True)

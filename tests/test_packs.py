@@ -24,6 +24,7 @@ from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep import spec as sweeps
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.local import local_workers
+from mnist_dist.sweep.state import member_state
 from mnist_dist.train.threads import usable_cpus
 
 from conftest import ROOT, SHORT_PHASES, accelerate_launch, env_with, load_json, ok, run_cli, run_history
@@ -154,7 +155,7 @@ def test_a_nan_member_is_frozen_and_failed_alone(alone: dict[str, Path], tmp_pat
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [0], "nothing after the epoch it failed in"
         assert not (run_dir / "history.json").exists() and not (run_dir / "model.safetensors").exists()
-        assert sweeps.member_state(run_dir) == "failed"
+        assert member_state(run_dir) == "failed"
     for member, reference in alone.items():
         assert_bitwise(found[member], reference)
 

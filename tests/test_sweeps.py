@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,25 +18,24 @@ from mnist_dist.sweep import spec as sweeps
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.track import wandb_file
 
-from conftest import ROOT, SHORT_PHASES, load_json, ok, run_cli, run_history
+from conftest import (
+    ROOT,
+    SHORT_PHASES,
+    SWEEP_PHASES,
+    SWEEP_SPEC,
+    load_json,
+    ok,
+    run_cli,
+    run_history,
+    sweep_file,
+)
 
-PHASES = ["--phases", "1x0.5,1x0.1"]  # two epochs: a member is seconds
-SPEC = """
-name: tiny
-method: grid
-program: train.py          # W&B's keys: noted, not used
-metric: {name: val_acc, goal: maximize}
-parameters:
-  phases.0.lr: {values: [0.1, 0.5]}
-  seed: {values: [0, 1]}
-  batch_size: {value: 128}
-"""
+PHASES = SWEEP_PHASES
+SPEC = SWEEP_SPEC
 
 
 def _spec(tmp_path: Path, text: str = SPEC) -> Path:
-    path = tmp_path / "sweep.yaml"
-    path.write_text(text)
-    return path
+    return sweep_file(tmp_path, text)
 
 
 def test_grid_members_are_full_validated_configs_with_stable_ids(tmp_path: Path):
@@ -106,15 +104,6 @@ def test_a_grid_over_1000_members_needs_yes(tmp_path: Path):
     proc = run_cli("sweep", "submit", _spec(tmp_path, text), "--dry-run", cwd=tmp_path)
     assert proc.returncode == 2 and "has 1,002 members; pass --yes" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
-
-
-@pytest.fixture(scope="module")
-def local_sweep(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> tuple[Path, Any]:
-    base = tmp_path_factory.mktemp("sweep")
-    root = base / "tiny"
-    spec = _spec(base)
-    proc = ok(run_cli("sweep", "run", spec, *PHASES, "--tracker", "none", "--output-dir", root, env=data_env))
-    return root, proc
 
 
 def test_sweep_run_writes_one_run_dir_per_member_equal_to_its_solo_run(

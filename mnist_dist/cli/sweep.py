@@ -91,16 +91,17 @@ def run(
     sweeps.write_manifest(root, parsed, found)
     print(f"sweep {parsed.name}: {len(found)} member(s) in {root}/members")
     stop = StopFlag(found[0].cfg.checkpoint.stop_check_steps)
-    stop_on_signals(stop)
+    stop_on_signals(stop, ctrl_c=True)  # a first Ctrl-C stops every pack at a checkpoint, as SIGTERM does
     try:
         workers, gpus = local_workers(found[0].cfg)
         counts = run_members(found, stop, print, retry_failed, pack, max_pack, workers=workers, gpus=gpus)
     except (Preempted, PacksStopped) as e:
-        print(f"error: {e}: checkpoint saved; run the same command again to resume", file=sys.stderr)
-        raise typer.Exit(ExitCode.STOPPED) from None
+        why = "interrupted" if stop.interrupted else str(e)
+        print(f"error: {why}: checkpoints saved; run the same command again to resume", file=sys.stderr)
+        raise typer.Exit(ExitCode.INTERRUPTED if stop.interrupted else ExitCode.STOPPED) from None
     except PackProcessFailed as e:
         print(f"error: {e}; run the same command again to resume", file=sys.stderr)
-        raise typer.Exit(e.code) from None
+        raise typer.Exit(e.exit_code) from None
     results = sweep_results.write(root)
     print(sweep_results.format_table(results), end="")
     print(", ".join(f"{n} {what}" for what, n in counts.items()) + f"; results in {root}/results.json")

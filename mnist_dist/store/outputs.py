@@ -189,7 +189,7 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def read_status(run_dir: Path) -> str | None:
-    """run.json's status (running, completed, failed, preempted, interrupted), None if unreadable."""
+    """run.json's status (running, completed, failed, preempted, interrupted, fault), None if unreadable."""
     try:
         status = json.loads((run_dir / RUN_INFO).read_text()).get("status")
     except (OSError, ValueError, AttributeError):

@@ -11,6 +11,11 @@ stale, and taken over with a warning, when its pid is gone on this host or it wa
 STALE seconds ($MNIST_DIST_LOCK_STALE_S, default 300) — the holder's node died. A requeued job that
 finds its own job's lock (the previous allocation still ending) waits for it up to STALE seconds.
 Readers (evaluate, plot, history, status) never take it.
+
+Claims: a sweep's runner takes the locks of all of a pack's members at once or none (`claim`), at the
+moment the pack starts, so runners of one sweep (here or on other hosts over a shared file system)
+share its members; the pack process it starts for them then `adopt`s the locks, so that each lock
+names the process that writes.
 """
 
 from __future__ import annotations
@@ -142,6 +147,10 @@ def _stale(path: Path, found: dict[str, Any], limit: float) -> str | None:
     return None
 
 
+class Held(UserError):
+    """The run dir's lock is held by a live run (the message names it and what to do)."""
+
+
 class RunLock:
     """The exclusive right to write one run directory, for the life of a run (see the module doc)."""
 
@@ -184,13 +193,33 @@ class RunLock:
             if ours and found.get("slurm_job_id") == ours and time.monotonic() < waited_until:
                 time.sleep(1)  # this job's previous allocation is still ending: wait for it
                 continue
-            raise UserError(
+            raise Held(
                 f"{self.run_dir} is being written by another run: {describe(found)}; wait for it to end or "
                 f"stop it (`mnist-dist cancel JOB`, or kill the pid), or pass another --output-dir"
             )
+        self._start_refresh()
+        return self
+
+    def adopt(self, claimer: int) -> RunLock:
+        """Take over the lock that process `claimer` on this host claimed for this process (a sweep's
+        runner, for the pack process it started); UserError when it is not that process's."""
+        found = _read(self.path) or {}
+        if found.get("host") != provenance.host() or found.get("pid") != claimer:
+            raise UserError(f"{self.run_dir} was not claimed for this process: its lock is {describe(found)}")
+        write_atomic(self.path, json.dumps(self._record(), indent=1) + "\n", mode=0o600)
+        self._start_refresh()
+        return self
+
+    def hand_over(self) -> None:
+        """Stop refreshing: the process this lock was claimed for adopts it. `release()` afterwards
+        removes it only if that process never did."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _start_refresh(self) -> None:
         self._thread = threading.Thread(target=self._refresh, name="run-dir-lock", daemon=True)
         self._thread.start()
-        return self
 
     def _create(self, record: str) -> bool:
         try:
@@ -225,3 +254,20 @@ class RunLock:
                 self.path.unlink()
                 if self.created:  # a run refused before its first write leaves no empty folder
                     self.run_dir.rmdir()
+
+
+def claim(run_dirs: list[Path], log: Any = print) -> list[RunLock] | None:
+    """The locks of all `run_dirs`, or of none (None) when a live run holds one of them."""
+    taken: list[RunLock] = []
+    try:
+        for run_dir in run_dirs:
+            taken.append(RunLock(run_dir, log).acquire())
+    except Held:
+        for lock in taken:
+            lock.release()
+        return None
+    except BaseException:
+        for lock in taken:
+            lock.release()
+        raise
+    return taken

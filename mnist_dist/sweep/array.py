@@ -27,9 +27,9 @@ from mnist_dist.slurm import submit as slurm
 from mnist_dist.store.provenance import now
 from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep.layout import SweepDir
-from mnist_dist.sweep.spec import Member, Spec, member_state, read_manifest, write_manifest
+from mnist_dist.sweep.spec import Member, Spec, read_manifest, write_manifest
+from mnist_dist.sweep.state import STATES, member_state, to_train
 
-STATES = ("pending", "running", "done", "failed", "stopped")
 TASK_MINUTE_S = 60.0  # the default task trains about this long: Slurm's scheduling cost stays small
 # Planning estimates of the seed config on one CPU thread, to size tasks (SWEEP.md has the measures):
 MEMBER_START_S, MEMBER_EPOCH_S = 2.0, 0.5  # a member trained alone: its start-up, each epoch
@@ -117,7 +117,7 @@ def submit(
         raise UserError(f"--array-parallelism {parallelism}: from 1 to 100000")
     root = root.absolute()
     slurm.preflight(opts, members[0].cfg, root)
-    todo = [m for m in members if member_state(m.run_dir) not in ("done", "failed", "running")]
+    todo = [m for m in members if to_train(member_state(m.run_dir), retry_failed=False)]
     groups = tasks(todo, packing)
     ex = slurm.executor(opts, root / "submitit")
     ex.update_parameters(array_parallelism=parallelism)

@@ -1,17 +1,23 @@
 """Training a sweep's members on this machine (`mnist-dist sweep run`) and in each task of a
 `sweep submit` job array.
 
-`pack="auto"` (the default) trains compatible members together as packs (packs.py): one stacked model
-per process, each member still its own run (run.run_pack). With several workers (locally: one per
-usable CPU, or one per GPU when the members train on GPUs) the packs run as separate processes at
+`pack="auto"` (the default) trains compatible members together as packs (packing.py): one stacked
+model per process, each member still its own run (run.run_pack). With several workers (locally: one
+per usable CPU, or one per GPU when the members train on GPUs) the packs run as separate processes at
 once (pack_process.py), each with one thread (or its own GPU) and no communication.
 `pack="off"` trains the members one after another in this process, each exactly as `mnist-dist train`
 runs it.
 
-Finished (and failed) members are skipped, so running the same sweep again trains only what is left;
-a member whose loss stops being finite is recorded as failed in its run.json and the others go on.
-A requested stop (SIGUSR2/SIGTERM, the drill) ends every pack after it saved its checkpoint; so does a
-full disk (it is the other members' disk too).
+Every pack's members are claimed (state.py) at the moment it starts, so finished members are
+skipped, a second runner of the same sweep trains what nobody holds, and running the same sweep again
+trains only what is left. A member whose loss stops being finite is recorded as failed in its
+run.json and the others go on.
+
+Stops and faults: a requested stop (SIGUSR2, SIGTERM, Ctrl-C) is passed on once to every pack
+process, each saves its checkpoint and ends with 75; a full disk ends the packs that hit it (their
+members `stopped`, by a fault, and resumed by the same command). A pack process runs in a session of
+its own (a terminal's Ctrl-C reaches the runner only, which passes it on) and ends, saving, when its
+runner dies: no pack trains on as an orphan of a killed `sweep run`.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -30,23 +37,37 @@ from mnist_dist.config import TrainConfig
 from mnist_dist.errors import ExitCode, UserError
 from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep.layout import SweepDir
-from mnist_dist.sweep.spec import Member, member_state
+from mnist_dist.sweep.spec import Member
+from mnist_dist.sweep.state import claim, member_state, recorded_state, to_train
 from mnist_dist.train.stopping import StopFlag
+
+COUNTS = ("trained", "skipped", "failed", "stopped", "in use")
+RELAYED = {signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}  # blocked in a pack process until it handles them
+CLAIMED_BY = "MNIST_DIST_CLAIMED_BY"  # a pack process's environment: the pid of the runner that claimed it
 
 
 class PacksStopped(Exception):
-    """A stop reached the pack processes; each saved its checkpoint."""
+    """A stop reached the pack processes; each saved its checkpoint. `interrupted`: by Ctrl-C."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, interrupted: bool = False) -> None:
         super().__init__(f"stopped on request ({count} pack process(es) saved their checkpoints)")
+        self.interrupted = interrupted
 
 
 class PackProcessFailed(Exception):
-    """A pack process ended with an error (its own lines say which); `code` is its exit code."""
+    """A pack process ended with an error (its own lines say which) or was killed; `exit_code` is the
+    runner's: the process's own, or 1 (a fault) when a signal killed it."""
 
     def __init__(self, code: int, pack: Path) -> None:
-        super().__init__(f"the pack in {pack} ended with exit code {code} (its lines above say why)")
-        self.code = code
+        if code < 0:
+            why = f"was killed by {signal.Signals(-code).name}; its members resume from its last checkpoint"
+        else:
+            why = f"ended with exit code {code} (its lines above say why)"
+        super().__init__(f"the pack process of {pack} {why}")
+        self.exit_code = code if code > 0 else ExitCode.FAULT
+
+
+Queue = deque[list[Member]]
 
 
 def run_members(
@@ -60,34 +81,52 @@ def run_members(
     gpus: list[str] | None = None,
 ) -> dict[str, int]:
     """Train what is left of `members`, in packs of up to `max_pack` by `workers` processes at once
-    (with `gpus`, one GPU each); return how many were trained, skipped, failed or in use."""
+    (with `gpus`, one GPU each); return how many this runner trained, skipped (done, or failed),
+    failed or stopped, and how many were in use (held, or trained meanwhile, by another runner)."""
     members = list(members)
-    counts = {"trained": 0, "skipped": 0, "failed": 0, "in use": 0}
+    counts = dict.fromkeys(COUNTS, 0)
     todo = []
     for member in members:
         state = member_state(member.run_dir)
-        if state == "done" or (state == "failed" and not retry_failed):
-            counts["skipped"] += 1
-        elif state == "running":
-            counts["in use"] += 1
+        if state == "running":
             log(f"member {member.id}: being trained elsewhere; skipped")
-        else:
+        elif to_train(state, retry_failed):
             todo.append(member)
-    if pack == "off":
-        planned = [[m] for m in todo]
-    else:  # packs that were stopped part-way go on as they were; the other members are planned anew
-        planned = [] if retry_failed else resumable(members, todo)  # a retry starts failed members anew
-        started = {m.id for group in planned for m in group}
-        planned += packs.plan([m for m in todo if m.id not in started], workers, max_pack)
-    if len(planned) > 1 and workers > 1 and pack != "off":
-        _in_processes(planned, workers, stop, log, gpus or [])
+        else:
+            counts["skipped"] += 1
+    queue: Queue = deque(_plan(members, todo, pack, max_pack, workers, retry_failed))
+    if len(queue) > 1 and workers > 1 and pack != "off":
+        ran = _in_processes(queue, workers, stop, log, gpus or [], retry_failed)
     else:
-        for group in planned:
-            _train(group, stop, log)
+        ran = _in_this_process(queue, stop, log, retry_failed)
+    counts["in use"] = len(members) - counts["skipped"] - len(todo)  # held when this runner began
     for member in todo:
-        state = member_state(member.run_dir)
-        counts[{"done": "trained", "failed": "failed", "running": "in use"}.get(state, "failed")] += 1
+        state = recorded_state(member.run_dir) if member.id in ran else "in use"
+        counts[{"done": "trained", "failed": "failed", "in use": "in use"}.get(state, "stopped")] += 1
     return counts
+
+
+def _plan(
+    members: list[Member], todo: list[Member], pack: str, max_pack: int | None, workers: int, retry: bool
+) -> list[list[Member]]:
+    if pack == "off":
+        return [[m] for m in todo]
+    # Packs that were stopped part-way go on as they were; the other members are planned anew.
+    planned = [] if retry else resumable(members, todo)  # a retry starts failed members anew
+    started = {m.id for group in planned for m in group}
+    return planned + packs.plan([m for m in todo if m.id not in started], workers, max_pack)
+
+
+def _take(group: list[Member], queue: Queue, retry_failed: bool, log: Callable[[str], Any]) -> list:
+    """The locks of `group` (state.claim); when another runner holds or finished some of its members,
+    none, and the members still free go back to the queue as a pack of their own."""
+    locks, rest = claim(group, retry_failed, log)
+    if not locks:
+        if len(rest) < len(group):
+            log(f"{len(group) - len(rest)} of {len(group)} member(s) taken by another run; skipped")
+        if rest:
+            queue.append(rest)
+    return locks
 
 
 def resumable(members: Iterable[Member], todo: list[Member]) -> list[list[Member]]:
@@ -129,8 +168,25 @@ def local_workers(cfg: TrainConfig) -> tuple[int, list[str]]:
     return usable_cpus(), []
 
 
-def _train(group: list[Member], stop: StopFlag | None, log: Callable[[str], Any]) -> None:
-    """One pack in this process."""
+def _in_this_process(queue: Queue, stop: StopFlag | None, log: Callable[[str], Any], retry: bool) -> set[str]:
+    """The packs one after another in this process; the ids of the members this runner trained."""
+    ran: set[str] = set()
+    while queue:
+        group = queue.popleft()
+        locks = _take(group, queue, retry, log)
+        if not locks:
+            continue
+        ran |= {m.id for m in group}
+        try:
+            _train(group, stop, log, locks)
+        finally:
+            for lock in locks:
+                lock.release()
+    return ran
+
+
+def _train(group: list[Member], stop: StopFlag | None, log: Callable[[str], Any], locks: list) -> None:
+    """One pack in this process, its members' locks claimed."""
     from mnist_dist.train.run import run_pack  # torch: once the members are known good
 
     one = len(group) == 1
@@ -141,8 +197,8 @@ def _train(group: list[Member], stop: StopFlag | None, log: Callable[[str], Any]
     )
     cfgs = [m.cfg for m in group]
     try:
-        _, failures = run_pack(cfgs, home(cfgs, None if one else write_pack(group)), stop=stop)
-    except UserError as e:  # another writer took it between the check and the run, a bad checkpoint
+        _, failures = run_pack(cfgs, home(cfgs, None if one else write_pack(group)), stop=stop, locks=locks)
+    except UserError as e:  # a checkpoint it cannot use: the member's line says why, the others go on
         log(f"{' '.join(m.id for m in group)}: {e}")
         return
     for member, why in zip(group, failures, strict=True):
@@ -178,44 +234,76 @@ def read_pack(where: Path) -> list[TrainConfig]:
 
 
 def _in_processes(
-    planned: list[list[Member]], workers: int, stop: StopFlag | None, log: Callable, gpus: list[str]
-) -> None:
+    queue: Queue, workers: int, stop: StopFlag | None, log: Callable, gpus: list[str], retry: bool
+) -> set[str]:
     """The packs as `workers` processes at a time (each on its own GPU when there are `gpus`); a stop
-    is passed on to them (SIGUSR2)."""
-    waiting = [write_pack(group) for group in planned]
-    running: dict[Path, tuple[subprocess.Popen, int]] = {}
-    free = list(range(workers))
-    stopped, failure = 0, None
-    while waiting or running:
-        asked = stop is not None and stop.requested
-        while waiting and len(running) < workers and not asked and failure is None:
-            where, slot = waiting.pop(0), free.pop(0)
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[slot]} if gpus else None
-            on = f" on GPU {gpus[slot]}" if gpus else ""
-            log(f"pack {where.name}: {len(read_pack(where))} members, a process of its own{on}")
-            command = [sys.executable, "-m", "mnist_dist.sweep.pack_process", str(where)]
-            running[where] = (subprocess.Popen(command, env=env), slot)
-        for where, (proc, slot) in list(running.items()):
-            if asked:
-                proc.send_signal(signal.SIGUSR2)
-            code = proc.poll()
-            if code is None:
-                continue
-            del running[where]
-            free.append(slot)
-            if code == ExitCode.STOPPED:
-                stopped += 1
-            elif code == ExitCode.INTERRUPTED:
-                raise KeyboardInterrupt
-            elif code != 0 and failure is None:
-                failure = PackProcessFailed(code, where)
-        if asked and not running:
-            break
-        time.sleep(0.1)
+    is passed on to each once (SIGUSR2). Returns the ids of the members this runner trained."""
+    running: dict[subprocess.Popen, tuple[Path, int, list]] = {}
+    free, ran = list(range(workers)), set()
+    relayed, stopped, failure = False, 0, None
+    try:
+        while queue or running:
+            asked = stop is not None and stop.requested
+            while queue and len(running) < workers and not asked and failure is None:
+                group = queue.popleft()
+                locks = _take(group, queue, retry, log)
+                if locks:
+                    slot = free.pop(0)
+                    proc, where = _start(group, locks, gpus[slot] if gpus else None, log)
+                    running[proc] = (where, slot, locks)
+                    ran |= {m.id for m in group}
+            if asked and not relayed:
+                for proc in running:
+                    proc.send_signal(signal.SIGUSR2)
+                relayed = True
+            for proc, (where, slot, locks) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[proc]
+                free.append(slot)
+                for lock in locks:  # those its process never adopted (it ended before it could)
+                    lock.release()
+                if code == ExitCode.STOPPED:
+                    stopped += 1
+                elif code != 0 and failure is None:
+                    failure = PackProcessFailed(code, where)
+            time.sleep(0.1)
+    finally:  # only when this process itself fails (a second Ctrl-C): the packs end with it
+        for proc, (_, _, locks) in running.items():
+            proc.kill()
+            proc.wait()
+            for lock in locks:
+                lock.release()
     if failure is not None:
         raise failure
     if stopped or (stop is not None and stop.requested):
-        raise PacksStopped(stopped)
+        raise PacksStopped(stopped, interrupted=stop is not None and stop.interrupted)
+    return ran
+
+
+def _start(group: list[Member], locks: list, gpu: str | None, log: Callable) -> tuple[subprocess.Popen, Path]:
+    """A pack process for `group`, whose locks this runner holds and hands over: in a session of its
+    own, told who claimed it (CLAIMED_BY), the stop signals blocked until it handles them."""
+    try:
+        where = write_pack(group)
+        env = {**os.environ, CLAIMED_BY: str(os.getpid())}
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
+        log(f"pack {where.name}: {len(group)} members, a process of its own{f' on GPU {gpu}' if gpu else ''}")
+        command = [sys.executable, "-m", "mnist_dist.sweep.pack_process", str(where)]
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, RELAYED)  # inherited by the child
+        try:
+            proc = subprocess.Popen(command, env=env, start_new_session=True)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+    for lock in locks:
+        lock.hand_over()
+    return proc, where
 
 
 def _describe(params: dict[str, Any]) -> str:

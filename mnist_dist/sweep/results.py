@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist.sweep.layout import SweepDir
-from mnist_dist.sweep.spec import member_state, read_manifest
+from mnist_dist.sweep.spec import read_manifest
+from mnist_dist.sweep.state import member_state
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:

@@ -286,20 +286,3 @@ def read_manifest(root: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("members"), list):
         raise UserError(f"{path} is not a sweep manifest; run the sweep again to rewrite it")
     return manifest
-
-
-def member_state(run_dir: Path) -> str:
-    """pending (not started), running (its lock is live), done, failed, or stopped (preempted or
-    interrupted: the next run resumes it)."""
-    from mnist_dist.store.ownership import holder
-
-    if holder(run_dir) is not None:
-        return "running"
-    from mnist_dist.store.outputs import HISTORY, read_status
-
-    status = read_status(run_dir)
-    if status is None:
-        return "pending"
-    if status == "completed" and (run_dir / HISTORY).is_file():
-        return "done"
-    return {"failed": "failed", "running": "stopped"}.get(status, "stopped")

@@ -254,11 +254,14 @@ class RunState:
                 member.end("preempted", stopped_at={"epoch": p.epoch, "step": p.at.step})
 
     def failed(self, e: BaseException) -> None:
-        """Ctrl-C (`interrupted`) or any other error (`failed`) in run.json, once the run directory
-        has its config; a no-op after a stop that was saved (status `preempted`)."""
+        """Ctrl-C (`interrupted`), a fault of the machine (`fault`: a full disk, an I/O error; the
+        members are not to blame and resume) or any other error (`failed`) in run.json, once the run
+        directory has its config; a no-op after a stop that was saved (status `preempted`)."""
         if isinstance(e, UserError):  # bad input changes nothing
             return
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        if isinstance(e, WriteFault):
+            status = "fault"
         for member in self.members:
             if member.info["status"] == "running":
                 member.end(status, error=f"{type(e).__name__}: {e}")

@@ -30,10 +30,17 @@ class StopFlag:
     def __init__(self, every: int, at: tuple[int, int] | None = None) -> None:
         self.every = every
         self.requested = False
+        self.interrupted = False  # the stop came from Ctrl-C (SIGINT)
         self.at = at
 
     def request(self, *_: Any) -> None:
         self.requested = True
+
+    def interrupt(self, *_: Any) -> None:
+        """Ctrl-C: the first is a stop (a checkpoint is saved), a second one ends at once."""
+        if self.interrupted:
+            raise KeyboardInterrupt
+        self.interrupted = self.requested = True
 
     def poll(self, epoch: int, step: int) -> bool:
         if self.at is not None and (epoch, step) >= self.at:
@@ -41,10 +48,13 @@ class StopFlag:
         return self.requested
 
 
-def stop_on_signals(stop: StopFlag) -> Any:
-    """Route SIGUSR2 (Slurm's warning before the time limit, and preemption) and SIGTERM to the flag;
+def stop_on_signals(stop: StopFlag, ctrl_c: bool = False) -> Any:
+    """Route SIGUSR2 (Slurm's warning before the time limit, and preemption) and SIGTERM to the flag,
+    and with `ctrl_c` SIGINT too (StopFlag.interrupt: a sweep's packs save on the first Ctrl-C);
     return the SIGUSR2 handler that was installed before (submitit's requeue, in a SLURM task)."""
     previous = signal.getsignal(signal.SIGUSR2)
     signal.signal(signal.SIGUSR2, stop.request)
     signal.signal(signal.SIGTERM, stop.request)
+    if ctrl_c:
+        signal.signal(signal.SIGINT, stop.interrupt)
     return previous

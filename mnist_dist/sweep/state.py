@@ -1,0 +1,75 @@
+"""What each member of a sweep is, and claiming the members of a pack before it trains.
+
+A member is one of STATES, read from its run dir (never from a process's memory, so every runner and
+`sweep status` see the same):
+
+- pending: never started.
+- running: a live run holds its lock (ownership.py), here or on another host.
+- done: its run completed (run.json `completed`, history.json written).
+- failed: the member itself failed: its loss stopped being finite, or its run raised an error.
+  `--retry-failed` trains it again.
+- stopped: it will resume from its checkpoint: a requested stop (SIGTERM, SIGUSR2, Ctrl-C,
+  preemption; run.json `preempted`/`interrupted`), a fault of the machine (a full disk, an I/O error;
+  run.json `fault` with the cause) or a process that died (run.json still `running`, its lock stale).
+  The same command resumes it.
+
+The claim: a runner takes the run dir locks of all of a pack's members at once, or of none, at the
+moment the pack starts. Then looking again at the members' states is safe (nobody else writes them),
+so a member that another runner finished meanwhile is not trained twice. Two `sweep run`s of one
+sweep, or the tasks of an array, share its members this way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+STATES = ("pending", "running", "done", "failed", "stopped")
+
+
+class HasRunDir(Protocol):
+    id: str
+    run_dir: Path
+
+
+def recorded_state(run_dir: Path) -> str:
+    """The state run_dir's files record, whoever holds its lock: pending, done, failed or stopped."""
+    from mnist_dist.store.outputs import HISTORY, read_status
+
+    status = read_status(run_dir)
+    if status is None:
+        return "pending"
+    if status == "completed" and (run_dir / HISTORY).is_file():
+        return "done"
+    return "failed" if status == "failed" else "stopped"
+
+
+def member_state(run_dir: Path) -> str:
+    """One of STATES: `running` while a live run holds the lock, else what the files record."""
+    from mnist_dist.store.ownership import holder
+
+    return "running" if holder(run_dir) is not None else recorded_state(run_dir)
+
+
+def to_train(state: str, retry_failed: bool) -> bool:
+    """Whether a runner trains a member in this state (done ones never; failed ones on a retry)."""
+    return state in ("pending", "stopped") or (state == "failed" and retry_failed)
+
+
+def claim(
+    group: Sequence[HasRunDir], retry_failed: bool, log: Callable[[str], Any] = print
+) -> tuple[list, list]:
+    """Claim a pack's members: (their locks, []) when this runner holds all of them and none was
+    finished meanwhile; else ([], the members still free to train, to be planned again)."""
+    from mnist_dist.store.ownership import claim as claim_dirs
+
+    locks = claim_dirs([m.run_dir for m in group], log)
+    if locks is None:  # another runner holds some: the rest are planned again
+        return [], [m for m in group if to_train(member_state(m.run_dir), retry_failed)]
+    finished = [m for m in group if recorded_state(m.run_dir) == "done"]
+    if not finished:
+        return locks, []
+    for lock in locks:
+        lock.release()
+    return [], [m for m in group if m not in finished and to_train(recorded_state(m.run_dir), retry_failed)]
