@@ -172,7 +172,7 @@ def test_kill_9_of_a_packed_sweep_and_rerun_gives_the_same_members(
         stderr=subprocess.DEVNULL,
         env=data_env,
         cwd=ROOT,
-        start_new_session=True,  # its own process group: the kill takes the pack processes too
+        start_new_session=True,  # its own process group; its pack processes stop, saving, once it is gone
     )
     deadline = time.monotonic() + 300
     while len(list(out.glob("packs/*/checkpoints/epoch-0001"))) < 2:  # both packs saved an epoch

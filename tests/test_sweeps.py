@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
+import math
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -70,6 +69,52 @@ parameters:
     assert all(0.01 <= c["phases.0.lr"] <= 1.0 and 0 <= c["seed"] <= 9 for c in first)
     assert {c["batch_size"] for c in first} <= {64, 128}
     assert len({c["phases.0.lr"] for c in first}) == 6
+
+
+def test_run_cap_and_count_cut_a_grid(tmp_path: Path):
+    for cap in ("run_cap: 3", "count: 3"):  # count: W&B's older name
+        spec = sweeps.read_spec(_spec(tmp_path, SPEC + cap + "\n"))
+        found = sweeps.members(spec, tmp_path / "sw", {}, None)
+        assert [(m.cfg.phases[0].lr, m.cfg.seed) for m in found] == [(0.1, 0), (0.1, 1), (0.5, 0)], cap
+
+
+def test_base_is_found_beside_the_sweep_file(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "small.yaml").write_text("batch_size: 64\nmodel: {hidden_size: 16}\n")
+    spec = sweeps.read_spec(
+        sweep_file(tmp_path / "sub", "name: b\nbase: small.yaml\nparameters: {seed: {values: [1]}}\n")
+    )
+    assert spec.base == tmp_path / "sub" / "small.yaml", "relative to the sweep file, from any cwd"
+    (member,) = sweeps.members(spec, tmp_path / "sw", {}, None)
+    assert (member.cfg.batch_size, member.cfg.model.hidden_size, member.cfg.seed) == (64, 16, 1)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_sweep_file_in_configs_loads_into_valid_members(path: Path, tmp_path: Path):
+    spec = sweeps.read_spec(path)
+    found = sweeps.members(spec, tmp_path / "sw", {}, None, confirm=True)
+    sizes = [len(p["values"]) if "values" in p else 1 for p in spec.parameters.values()]
+    expected = spec.count or (math.prod(sizes) if spec.method == "grid" else 0)
+    assert len(found) == expected and len({m.id for m in found}) == expected
+    assert all(m.cfg.sweep.name == spec.name for m in found)
+
+
+def test_goal_minimize_puts_the_lowest_first(
+    local_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path
+):
+    import shutil
+
+    root = tmp_path / "tiny"
+    shutil.copytree(
+        local_sweep[0], root, ignore=shutil.ignore_patterns("checkpoints", "*.png", "*.safetensors")
+    )
+    manifest = load_json(root / "sweep.json")
+    manifest["metric"] = {"name": "val_loss", "goal": "minimize"}
+    (root / "sweep.json").write_text(json.dumps(manifest))
+    rows = json.loads(ok(run_cli("sweep", "results", root, "--json")).stdout)["members"]
+    losses = [r["final_val_loss"] for r in rows]
+    assert losses == sorted(losses) and rows[0]["best"] is True and len(rows) == 4
+    assert [g["phases.0.lr"] for g in load_json(root / "results.json")["seed_groups"]] == [0.5, 0.1]
 
 
 @pytest.mark.parametrize(
@@ -151,33 +196,17 @@ def test_results_table_files_and_plots(local_sweep: tuple[Path, subprocess.Compl
     assert status["counts"]["done"] == 4 and status["members"] == 4
 
 
-def test_a_rerun_trains_nothing_and_a_killed_sweep_finishes(
+def test_a_rerun_trains_nothing(
     local_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, data_env: dict
 ):
+    """(Killed and stopped sweeps finish on the next run: test_sweep_faults.py.)"""
     root, _ = local_sweep
-    spec = _spec(tmp_path)
-    args = ["sweep", "run", spec, *PHASES, "--tracker", "none"]
+    args = ["sweep", "run", _spec(tmp_path), *PHASES, "--tracker", "none"]
     again = ok(run_cli(*args, "--output-dir", root, env=data_env))
-    assert "0 trained, 4 skipped" in again.stdout and "Epoch [" not in again.stdout
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_dist.cli", *map(str, args), "--output-dir", str(killed)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=data_env,
-        cwd=ROOT,
+    assert (
+        "0 trained, 4 skipped, 0 failed, 0 stopped, 0 in use" in again.stdout
+        and "Epoch [" not in again.stdout
     )
-    deadline = time.monotonic() + 300
-    while len(list(killed.glob("members/*/history.json"))) < 1:  # one member done, the next under way
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.05)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finished = ok(run_cli(*args, "--output-dir", killed, env=data_env))
-    assert "0 failed" in finished.stdout and " skipped" in finished.stdout
-    for member in load_json(root / "sweep.json")["members"]:
-        assert run_history(killed / "members" / member["id"]) == run_history(root / "members" / member["id"])
 
 
 def test_a_diverging_member_fails_alone(tmp_path: Path, data_env: dict):
@@ -187,6 +216,15 @@ def test_a_diverging_member_fails_alone(tmp_path: Path, data_env: dict):
     assert "1 trained, 0 skipped, 1 failed" in proc.stdout
     results = load_json(tmp_path / "s" / "results.json")
     assert [r["status"] for r in results["members"]] == ["done", "failed"]
+    failed = tmp_path / "s" / "members" / results["members"][1]["id"] / "run.json"
+    first = load_json(failed)["start_time"]
+    again = ok(run_cli("sweep", "run", spec, *args, env=data_env))
+    assert "0 trained, 2 skipped, 0 failed" in again.stdout, "a failed member is not retried by itself"
+    retried = ok(run_cli("sweep", "run", spec, *args, "--retry-failed", env=data_env))
+    assert "0 trained, 1 skipped, 1 failed" in retried.stdout
+    assert load_json(failed)["start_time"] != first and load_json(failed)["status"] == "failed", (
+        "trained again"
+    )
 
 
 def _until(check, timeout: float = 400, every: float = 0.1):
@@ -253,3 +291,36 @@ def test_sweep_submit_is_one_array_and_a_preempted_task_is_requeued_alone(
     assert len(synced) == 6 and all("/members/" in line for line in synced), "every member's W&B runs"
     results = ok(run_cli("sweep", "results", root, "--json", env=slurm_env))
     assert [r["status"] for r in json.loads(results.stdout)["members"]] == ["done"] * 4
+
+
+def test_in_an_array_a_diverging_member_fails_alone_and_sweep_cancel_stops_the_rest(
+    cluster: int, slurm_env: dict, tmp_path: Path
+):
+    """One task, a pack of 2: lr 1e38 fails in epoch 1 while lr 0.5 trains on; `sweep cancel` of the
+    running array ends the task, the member that was training stopped (resumable), not failed."""
+    root = tmp_path / "array"
+    spec = _spec(tmp_path, "name: cancel\nparameters:\n  phases.0.lr: {values: [1.0e38, 0.5]}\n")
+    args = ["--phases", "40x0.5", "--partition", "cpu", "--members-per-task", "2", "--tracker", "none"]
+    proc = run_cli(
+        "sweep", "submit", spec, *args, "--allow-local", "--output-dir", root, "--json", env=slurm_env
+    )
+    job = json.loads(ok(proc).stdout)["job_id"]
+    (task,) = load_json(root / "sweep.json")["jobs"][0]["tasks"]
+    pack = SweepDir(root).pack(task)
+    _until(lambda: (pack / "checkpoints" / "epoch-0002").is_dir())
+    states = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
+    assert states["counts"]["failed"] == 1 and states["counts"]["running"] == 1, states
+    cancelled = ok(run_cli("sweep", "cancel", job, env=slurm_env))
+    assert f"job {job}: cancelled" in cancelled.stdout and "1 failed, 1 stopped" in cancelled.stdout
+    info = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
+    assert info["tasks"][0]["state"].startswith("CANCELLED"), info
+    failed, stopped = (load_json(root / "members" / m / "run.json") for m in task)
+    assert failed["status"] == "failed" and "FloatingPointError" in failed["error"]
+    assert stopped["status"] == "preempted" and stopped["stopped_at"]["epoch"] > 2, (
+        "saved on the cancel: resumable"
+    )
+    assert len(run_history_lines(root / "members" / task[1])) < 41, "it did not train to the end"
+
+
+def run_history_lines(run_dir: Path) -> list[str]:
+    return (run_dir / "metrics.jsonl").read_text().splitlines()

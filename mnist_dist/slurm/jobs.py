@@ -115,7 +115,8 @@ def _scontrol(job_id: str) -> dict[str, str] | None:
 
 def array_task_states(array_id: str) -> dict[int, str]:
     """Slurm's state of each task of a job array, by task index: scontrol (which knows tasks that
-    ended lately), then squeue (which knows pending tasks scontrol lists as one line)."""
+    ended lately), then squeue (which knows pending tasks scontrol lists as one line). submitit
+    submits a batch of one as a plain job: that job is task 0."""
     states: dict[int, str] = {}
     for cmd in (
         ["scontrol", "-o", "show", "job", array_id],
@@ -124,8 +125,11 @@ def array_task_states(array_id: str) -> dict[int, str]:
         proc = _ask(cmd)
         for line in proc.stdout.splitlines() if proc is not None else []:
             m = re.search(r"ArrayTaskId=(\d+)\b.*?JobState=(\w+)", line)
+            plain = re.match(rf"JobId={re.escape(array_id)}\s.*?JobState=(\w+)", line)
             if m:
                 states[int(m.group(1))] = m.group(2)
+            elif plain and "ArrayJobId=" not in line:
+                states[0] = plain.group(1)
     return states
 
 

@@ -46,10 +46,14 @@ def recorded_state(run_dir: Path) -> str:
 
 
 def member_state(run_dir: Path) -> str:
-    """One of STATES: `running` while a live run holds the lock, else what the files record."""
+    """One of STATES: done or failed once recorded (a failed member's pack may still hold its lock
+    while the others train), else `running` while a live run holds the lock, else what the files say."""
     from mnist_dist.store.ownership import holder
 
-    return "running" if holder(run_dir) is not None else recorded_state(run_dir)
+    recorded = recorded_state(run_dir)
+    if recorded in ("done", "failed") or holder(run_dir) is None:
+        return recorded
+    return "running"
 
 
 def to_train(state: str, retry_failed: bool) -> bool:
