@@ -50,8 +50,16 @@ def _until(check, proc: subprocess.Popen | None = None, timeout: float = 300):
 
 
 def _first_checkpoint(root: Path, proc: subprocess.Popen) -> Path:
-    """The pack dir that saved its first epoch first: both packs are training then."""
-    return _until(lambda: list(root.glob("packs/*/checkpoints/epoch-0001/progress.json")), proc)[0].parents[2]
+    """The pack dir (a pack of one's: its member's run dir) that saved its first epoch first: both
+    pack processes are training then."""
+
+    def saved() -> list[Path]:
+        return [
+            *root.glob("packs/*/checkpoints/epoch-0001/progress.json"),
+            *root.glob("members/*/checkpoints/epoch-0001/progress.json"),
+        ]
+
+    return _until(saved, proc)[0].parents[2]
 
 
 def _pack_processes(root: Path) -> list[int]:
@@ -132,12 +140,12 @@ def test_a_full_disk_stops_the_packs_and_the_same_command_resumes_them(
 
 
 @pytest.mark.parametrize(
-    ("sig", "code", "said"),
+    ("sig", "code", "said", "extra"),
     [
-        (signal.SIGTERM, 75, "stopped on request (2 pack process(es) saved"),
-        (signal.SIGINT, 130, "interrupted"),
+        (signal.SIGTERM, 75, "stopped on request (2 pack process(es) saved", []),
+        (signal.SIGINT, 130, "interrupted", ["--max-pack", "1"]),  # 4 packs of one: 2 not started yet
     ],
-    ids=["SIGTERM", "Ctrl-C"],
+    ids=["SIGTERM", "Ctrl-C with packs waiting"],
 )
 def test_a_stop_reaches_every_pack_once_each_saves_and_the_rerun_is_bitwise(
     local_sweep: tuple[Path, subprocess.CompletedProcess],
@@ -146,10 +154,11 @@ def test_a_stop_reaches_every_pack_once_each_saves_and_the_rerun_is_bitwise(
     sig: signal.Signals,
     code: int,
     said: str,
+    extra: list[str],
 ):
     reference, _ = local_sweep
     root, spec = tmp_path / "tiny", sweep_file(tmp_path)
-    proc = _start(spec, root, data_env)
+    proc = _start(spec, root, data_env, *extra)
     _first_checkpoint(root, proc)
     assert len(_pack_processes(root)) == 2
     os.killpg(
@@ -159,10 +168,12 @@ def test_a_stop_reaches_every_pack_once_each_saves_and_the_rerun_is_bitwise(
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1].startswith(f"error: {said}")
     assert "killed by" not in err and "Traceback" not in err
-    assert _statuses(root) == ["preempted"] * 4, "every pack saved where it stood"
+    started = [m for m in _members(root) if (root / "members" / m / "run.json").exists()]
+    assert len(started) == (2 if extra else 4), "the packs not started yet stay pending"
+    assert {load_json(root / "members" / m / "run.json")["status"] for m in started} == {"preempted"}
     assert not list(root.glob("members/*/history.json")), "training was interrupted"
     assert not _pack_processes(root)
-    again = ok(run_cli(*_args(spec, root), env=data_env))
+    again = ok(run_cli(*_args(spec, root, *extra), env=data_env))
     assert again.stdout.count("resuming from") == 2
     _assert_bitwise(root, reference)
 

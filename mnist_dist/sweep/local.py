@@ -268,6 +268,8 @@ def _in_processes(
                     stopped += 1
                 elif code != 0 and failure is None:
                     failure = PackProcessFailed(code, where)
+            if asked and not running:  # the packs not started yet stay as they are
+                break
             time.sleep(0.1)
     finally:  # only when this process itself fails (a second Ctrl-C): the packs end with it
         for proc, (_, _, locks) in running.items():
