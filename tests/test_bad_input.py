@@ -80,6 +80,7 @@ CORRUPT_CHECKPOINT = {  # progress.json lists a file whose hash does not match
 }
 TRUNCATED_IDX = {"mnist/MNIST/raw/train-images-idx3-ubyte": b"\x00\x00\x08\x03" + b"\x00" * 12}
 A_FILE = {"afile": "keep me\n"}
+PROBS = "{values: [1, 2], probabilities: [1, 1]}\n"
 SPEC = "name: s\nparameters:\n  seed: {values: [0, 1]}\n"  # a valid sweep: the row's option is the bad part
 MANIFEST = json.dumps(
     {"name": "s", "metric": {"name": "val_acc", "goal": "maximize"}, "swept": [], "members": []}
@@ -245,8 +246,38 @@ ROWS = [
     Row(
         "sweep-run-bayes",
         "sweep run {tmp}/s.yaml",
-        "needs W&B's sweep server",
+        "method 'bayes' (proposals that learn from finished members) is not supported yet",
         {"s.yaml": SPEC + "method: bayes\n"},
+    ),
+    Row(
+        "sweep-run-unknown-method",
+        "sweep run {tmp}/s.yaml",
+        "'method': 'hyperopt' is not one of",
+        {"s.yaml": SPEC + "method: hyperopt\n"},
+    ),
+    Row(
+        "sweep-run-distribution-without-its-keys",
+        "sweep run {tmp}/s.yaml",
+        "parameter 'phases.0.lr': {'distribution': 'q_uniform', 'min': 0.1} is none of W&B's parameters",
+        {"s.yaml": SPEC + "  phases.0.lr: {distribution: q_uniform, min: 0.1}\n"},
+    ),
+    Row(
+        "sweep-run-nested-unknown-key",
+        "sweep run {tmp}/s.yaml",
+        "unknown key 'model.depth'",
+        {"s.yaml": SPEC + "  model: {parameters: {depth: {values: [1, 2]}}}\n"},
+    ),
+    Row(
+        "sweep-run-bad-hyperband",
+        "sweep run {tmp}/s.yaml",
+        "'early_terminate.type': 'asha' is not one of ['hyperband']",
+        {"s.yaml": SPEC + "early_terminate: {type: asha, min_iter: 1}\n"},
+    ),
+    Row(
+        "sweep-run-probabilities-not-1",
+        "sweep run {tmp}/s.yaml",
+        "Probabilities [1, 1] do not sum to 1",
+        {"s.yaml": "name: p\nmethod: random\nrun_cap: 2\nparameters:\n  seed: " + PROBS},
     ),
     Row(
         "sweep-run-bad-member",

@@ -93,7 +93,7 @@ def test_base_is_found_beside_the_sweep_file(tmp_path: Path):
 def test_every_sweep_file_in_configs_loads_into_valid_members(path: Path, tmp_path: Path):
     spec = sweeps.read_spec(path)
     found = sweeps.members(spec, tmp_path / "sw", {}, None, confirm=True)
-    sizes = [len(p["values"]) if "values" in p else 1 for p in spec.parameters.values()]
+    sizes = [len(p.config["values"]) if "values" in p.config else 1 for p in spec.parameters.values()]
     expected = spec.count or (math.prod(sizes) if spec.method == "grid" else 0)
     assert len(found) == expected and len({m.id for m in found}) == expected
     assert all(m.cfg.sweep.name == spec.name for m in found)
@@ -122,8 +122,8 @@ def test_goal_minimize_puts_the_lowest_first(
     [
         ("- a\n- b\n", "expected a mapping of keys at the top level"),
         ("name: x\nparameters: {seed: {values: [1]}}\nfoo: 1\n", "unknown key 'foo'"),
-        ("name: x\nmethod: bayes\nparameters: {seed: {values: [1]}}\n", "needs W&B's sweep server"),
-        ("name: x\nparameters: {seed: {values: []}}\n", "'values' must be a non-empty list"),
+        ("name: x\nmethod: bayes\nparameters: {seed: {values: [1]}}\n", "method 'bayes'"),
+        ("name: x\nparameters: {seed: {values: []}}\n", "parameter 'seed': {'values': []} is none of W&B's"),
         ("name: x\nparameters: {nope: {values: [1]}}\n", "unknown key 'nope'"),
         (
             "name: x\nparameters: {phases.0.lr: {values: [0.1, -1]}}\n",
@@ -131,7 +131,12 @@ def test_goal_minimize_puts_the_lowest_first(
         ),
         ("name: x\nmethod: random\nparameters: {seed: {values: [1, 2]}}\n", "random needs run_cap"),
         ("name: x\nparameters: {seed: {distribution: uniform, min: 0, max: 1}}\n", "grid takes values"),
-        ("name: x\nparameters: {seed: {values: [1]}, lr: {parameters: {a: 1}}}\n", "nested parameters"),
+        ("name: x\nparameters: {seed: {values: [1]}, lr: {parameters: {a: 1}}}\n", "parameter 'lr.a': write"),
+        ("name: x\nparameters: {seed: {min: 5, max: 1}}\n", "parameter 'seed': min 5 is not less than max 1"),
+        (
+            "name: x\nparameters: {batch_size: {values: [64, 128], probabilities: [0.5, 0.5]}}\n",
+            "grid takes values, a value, int_uniform or q_uniform, not categorical_w_probabilities",
+        ),
         ("name: x\nparameters: {seed: {values: [1]}}\nmetric: {name: accuracy}\n", "metric"),
         ("name: 'a b'\nparameters: {seed: {values: [1]}}\n", "name 'a b'"),
     ],
@@ -324,3 +329,63 @@ def test_in_an_array_a_diverging_member_fails_alone_and_sweep_cancel_stops_the_r
 
 def run_history_lines(run_dir: Path) -> list[str]:
     return (run_dir / "metrics.jsonl").read_text().splitlines()
+
+
+def test_a_wandb_style_file_is_read_by_wandbs_engine(tmp_path: Path):
+    """configs/sweeps/wandb-style.yaml: implicit min/max, q_uniform, probabilities, nested parameters."""
+    spec = sweeps.read_spec(ROOT / "configs" / "sweeps" / "wandb-style.yaml")
+    kinds = {k: p.distribution for k, p in spec.parameters.items()}
+    assert kinds == {
+        "phases.0.lr": "uniform",
+        "phases.1.lr": "q_uniform",
+        "batch_size": "categorical_w_probabilities",
+        "seed": "int_uniform",
+        "model.hidden_size": "constant",
+    }
+    assert spec.swept == ["phases.0.lr", "phases.1.lr", "batch_size", "seed"]
+    assert any("early_terminate" in note for note in spec.notes)
+    found = sweeps.members(spec, tmp_path / "a", {}, None)
+    again = sweeps.members(sweeps.read_spec(spec.path), tmp_path / "elsewhere", {}, None)
+    assert [m.params for m in found] == [m.params for m in again] and len(found) == 4, "the same draws"
+    for m in found:
+        assert 0.1 <= m.cfg.phases[0].lr <= 0.8 and m.cfg.model.hidden_size == 32
+        assert m.cfg.phases[1].lr in [round(0.02 * k, 12) for k in range(1, 11)], "on q's grid"
+        assert m.cfg.seed in range(4) and m.cfg.batch_size in (128, 256)
+    text = (
+        spec.path.read_text()
+        .replace("run_cap: 4", "run_cap: 400")
+        .replace("../seed.yaml", str(ROOT / "configs/seed.yaml"))
+    )
+    many = sweeps.read_spec(_spec(tmp_path, text))
+    draws = sweeps.combinations(many)
+    share = sum(d["batch_size"] == 128 for d in draws) / len(draws)
+    assert 0.65 < share < 0.85, f"probabilities 0.75/0.25 drew 128 in {share:.0%} of 400"
+    assert {type(d["seed"]) for d in draws} == {int} and len({d["seed"] for d in draws}) == 4
+
+
+def test_grid_enumerates_int_uniform_and_q_uniform_and_nested_keys_are_dotted(tmp_path: Path):
+    text = """
+name: g
+parameters:
+  seed: {min: 0, max: 2}
+  phases.0.lr: {distribution: q_uniform, min: 0.1, max: 0.4, q: 0.1}
+  model:
+    parameters:
+      hidden_size: {values: [16, 32]}
+"""
+    spec = sweeps.read_spec(_spec(tmp_path, text))
+    combos = sweeps.combinations(spec)
+    assert len(combos) == 3 * 4 * 2 and {c["seed"] for c in combos} == {0, 1, 2}
+    assert sorted({c["phases.0.lr"] for c in combos}) == [0.1, 0.2, 0.3, 0.4], "min..max by q, no float noise"
+    found = sweeps.members(spec, tmp_path / "sw", {}, None)
+    assert {m.cfg.model.hidden_size for m in found} == {16, 32} and len(found) == 24
+
+
+def test_a_wandb_style_sweep_runs(tmp_path: Path, data_env: dict):
+    spec = ROOT / "configs" / "sweeps" / "wandb-style.yaml"
+    args = ["--phases", "1x0.5,1x0.1", "--tracker", "none", "--output-dir", tmp_path / "s"]
+    proc = ok(run_cli("sweep", "run", spec, *args, env=data_env))
+    assert "4 trained, 0 skipped, 0 failed" in proc.stdout
+    assert "note: 'early_terminate' is valid; early termination is not built yet" in proc.stdout
+    rows = load_json(tmp_path / "s" / "results.json")["members"]
+    assert [r["final_val_loss"] for r in rows] == sorted(r["final_val_loss"] for r in rows), "goal: minimize"

@@ -5,22 +5,21 @@ run directory, compared in one table.
     SWEEP_DIR/members/<id>/       each member's run dir: history.json, run.json, checkpoints, plots...
     SWEEP_DIR/results.{json,csv}  `mnist-dist sweep results`, with curves.png and final-<key>.png
 
-The spec is the part of W&B's sweep configuration that needs no W&B server, so a W&B sweep file runs
-unchanged: `method` grid or random (bayes learns from finished runs on W&B's server: refused),
-`parameters` with `values`, `value` or a `distribution`, `metric`, `run_cap`/`count`, and `program`,
-`command`, `project`, `entity`, `description`, which are noted and ignored. Keys are the dotted config
-keys `--set` takes. A member's id is a hash of its whole config, so running or submitting the same
-sweep again skips finished members and resumes interrupted ones from their checkpoints.
+The spec is W&B's sweep configuration, read by W&B's own sweep engine (engine.py), so a W&B sweep file
+runs unchanged: `method` grid or random (bayes, which learns from finished members, is refused for
+now), `parameters` with every distribution and parameter key of W&B's schema (the implicit ones
+included; nested `parameters:` are dotted config keys), `metric`, `run_cap` (`count`), and
+`program`, `command`, `project`, `entity`, `description`, `controller`, which are noted and ignored;
+`early_terminate` is validated and noted (every member trains to the end). Ours: `name` and `base`.
+Keys are the dotted config keys `--set` takes. A member's id is a hash of its whole config, so running
+or submitting the same sweep again skips finished members and resumes interrupted ones.
 No torch here: the CLI validates every member before anything runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
-import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +27,12 @@ from typing import Any
 
 from mnist_dist.config import NAME_PATTERN, TrainConfig, build_config, parse_yaml, raw_config, set_key
 from mnist_dist.errors import UserError
+from mnist_dist.sweep import engine
+from mnist_dist.sweep.engine import Parameter
 from mnist_dist.sweep.layout import SweepDir
 
-SPEC_KEYS = {"name", "method", "base", "parameters", "metric", "run_cap", "count"}
-NOTED = {"program", "command", "project", "entity", "description"}  # W&B's: accepted, not used
-PARAM_KEYS = {"values", "value", "distribution", "min", "max", "probabilities"}
-DISTRIBUTIONS = {"uniform", "log_uniform_values", "int_uniform", "categorical"}
+SPEC_KEYS = {"name", "method", "base", "parameters", "metric", "run_cap", "count", "early_terminate"}
+NOTED = {"program", "command", "project", "entity", "description", "controller", "apiVersion", "kind"}
 METRICS = {"val_acc": "maximize", "val_loss": "minimize", "train_loss": "minimize"}
 CONFIRM_ABOVE = 1000
 
@@ -42,7 +41,7 @@ CONFIRM_ABOVE = 1000
 class Spec:
     name: str
     method: str
-    parameters: dict[str, dict[str, Any]]
+    parameters: dict[str, Parameter]
     metric: str = "val_acc"
     goal: str = "maximize"
     count: int | None = None
@@ -53,7 +52,7 @@ class Spec:
     @property
     def swept(self) -> list[str]:
         """The keys that take more than one value, in the spec's order."""
-        return [k for k, p in self.parameters.items() if "distribution" in p or len(p.get("values", [])) > 1]
+        return [k for k, p in self.parameters.items() if p.swept]
 
 
 @dataclass
@@ -90,61 +89,38 @@ def read_spec(path: Path) -> Spec:
     method = raw.get("method", "grid")
     if method == "bayes":
         raise _fail(
-            path, "method 'bayes' needs W&B's sweep server (it learns from finished runs); use grid or random"
+            path,
+            "method 'bayes' (proposals that learn from finished members) is not supported yet; "
+            "use grid or random",
         )
+    parameters = _parameters(path, raw.get("parameters"))
+    objection = engine.check_file(raw)
+    if objection:
+        raise _fail(path, f"{objection} (W&B's sweep schema)")
     if method not in ("grid", "random"):
         raise _fail(path, f"method {method!r}: use grid or random")
-    spec = Spec(name, method, _parameters(path, raw.get("parameters")), path=path)
+    spec = Spec(name, method, parameters, path=path)
     spec.metric, spec.goal = _metric(path, raw.get("metric"))
     spec.count = _count(path, raw, method)
     if raw.get("base") is not None:
         spec.base = _base(path, raw["base"])
     spec.notes = [f"'{k}' is W&B's; noted and not used here" for k in sorted(NOTED & set(raw))]
+    if "early_terminate" in raw:
+        spec.notes.append(
+            "'early_terminate' is valid; early termination is not built yet: every member trains to the end"
+        )
     return spec
 
 
-def _parameters(path: Path, params: Any) -> dict[str, dict[str, Any]]:
+def _parameters(path: Path, params: Any) -> dict[str, Parameter]:
     if not isinstance(params, dict) or not params:
         raise _fail(
             path, "'parameters' must map config keys to {values: [...]}, {value: x} or a distribution"
         )
-    out = {}
-    for key, p in params.items():
-        where = f"parameter '{key}'"
-        if not isinstance(p, dict):
-            raise _fail(path, f"{where}: write {{values: [...]}} or {{value: x}}, not {p!r}")
-        if "parameters" in p:
-            raise _fail(path, f"{where}: nested parameters are not supported; use dotted keys (phases.0.lr)")
-        unknown = sorted(set(p) - PARAM_KEYS)
-        if unknown:
-            raise _fail(
-                path, f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(sorted(PARAM_KEYS))}"
-            )
-        if "value" in p:
-            p = {"values": [p["value"]]}
-        elif "values" in p and p.get("distribution", "categorical") == "categorical":
-            if not isinstance(p["values"], list) or not p["values"]:
-                raise _fail(path, f"{where}: 'values' must be a non-empty list")
-            p = {"values": p["values"]}
-        else:
-            p = _distribution(path, where, p)
-        out[str(key)] = p
-    return out
-
-
-def _distribution(path: Path, where: str, p: dict[str, Any]) -> dict[str, Any]:
-    kind = p.get("distribution")
-    if kind not in DISTRIBUTIONS:
-        raise _fail(path, f"{where}: distribution {kind!r}; use one of {', '.join(sorted(DISTRIBUTIONS))}")
-    low, high = p.get("min"), p.get("max")
-    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
-    if not numbers or not low < high:
-        raise _fail(path, f"{where}: {kind} needs numbers min < max")
-    if kind == "log_uniform_values" and low <= 0:
-        raise _fail(path, f"{where}: log_uniform_values needs min > 0")
-    if kind == "int_uniform" and not all(isinstance(v, int) for v in (low, high)):
-        raise _fail(path, f"{where}: int_uniform needs whole numbers min and max")
-    return {"distribution": kind, "min": low, "max": high}
+    try:
+        return {p.key: p for p in engine.parameters(params)}
+    except ValueError as e:
+        raise _fail(path, str(e)) from None
 
 
 def _metric(path: Path, metric: Any) -> tuple[str, str]:
@@ -181,30 +157,15 @@ def _base(path: Path, base: Any) -> Path:
 
 
 def combinations(spec: Spec) -> list[dict[str, Any]]:
-    """Every member's swept values: the grid's product, or `count` seeded draws (the same each time)."""
-    keys = list(spec.parameters)
+    """Every member's swept values: the grid's product, or `count` draws (the same each time)."""
+    params = list(spec.parameters.values())
     if spec.method == "grid":
-        for key, p in spec.parameters.items():
-            if "values" not in p:
-                raise _fail(spec.path, f"parameter '{key}': grid takes values, not a distribution")
-        grid = [
-            dict(zip(keys, combo, strict=True))
-            for combo in itertools.product(*(spec.parameters[k]["values"] for k in keys))
-        ]
+        try:
+            grid = engine.grid(params)
+        except ValueError as e:
+            raise _fail(spec.path, str(e)) from None
         return grid[: spec.count] if spec.count else grid
-    rng = random.Random(int(hashlib.sha256(spec.name.encode()).hexdigest()[:16], 16))
-    return [{k: _draw(rng, spec.parameters[k]) for k in keys} for _ in range(spec.count or 0)]
-
-
-def _draw(rng: random.Random, p: dict[str, Any]) -> Any:
-    if "values" in p:
-        return rng.choice(p["values"])
-    low, high = p["min"], p["max"]
-    if p["distribution"] == "int_uniform":
-        return rng.randint(low, high)
-    if p["distribution"] == "log_uniform_values":
-        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
-    return rng.uniform(low, high)
+    return [engine.draw(params, spec.name, i) for i in range(spec.count or 0)]
 
 
 def sweep_dir(spec: Spec, output_dir: str | None) -> Path:
