@@ -246,7 +246,7 @@ ROWS = [
     Row(
         "sweep-run-bayes",
         "sweep run {tmp}/s.yaml",
-        "method 'bayes' (proposals that learn from finished members) is not supported yet",
+        "method bayes needs a metric to learn from",
         {"s.yaml": SPEC + "method: bayes\n"},
     ),
     Row(

@@ -91,10 +91,13 @@ def test_base_is_found_beside_the_sweep_file(tmp_path: Path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_sweep_file_in_configs_loads_into_valid_members(path: Path, tmp_path: Path):
+    from mnist_dist.sweep.rounds import next_round
+
     spec = sweeps.read_spec(path)
-    found = sweeps.members(spec, tmp_path / "sw", {}, None, confirm=True)
+    first_round = next_round(spec, [], [], 4) if spec.method == "bayes" else None
+    found = sweeps.members(spec, tmp_path / "sw", {}, None, confirm=True, combos=first_round)
     sizes = [len(p.config["values"]) if "values" in p.config else 1 for p in spec.parameters.values()]
-    expected = spec.count or (math.prod(sizes) if spec.method == "grid" else 0)
+    expected = 4 if first_round else spec.count or math.prod(sizes)
     assert len(found) == expected and len({m.id for m in found}) == expected
     assert all(m.cfg.sweep.name == spec.name for m in found)
 
@@ -122,7 +125,19 @@ def test_goal_minimize_puts_the_lowest_first(
     [
         ("- a\n- b\n", "expected a mapping of keys at the top level"),
         ("name: x\nparameters: {seed: {values: [1]}}\nfoo: 1\n", "unknown key 'foo'"),
-        ("name: x\nmethod: bayes\nparameters: {seed: {values: [1]}}\n", "method 'bayes'"),
+        (
+            "name: x\nmethod: bayes\nrun_cap: 2\nparameters: {seed: {values: [1, 2]}}\n",
+            "method bayes needs a metric",
+        ),
+        (
+            "name: x\nmethod: bayes\nmetric: {name: val_acc}\nparameters: {seed: {values: [1, 2]}}\n",
+            "bayes needs run_cap",
+        ),
+        (
+            "name: x\nmethod: bayes\nrun_cap: 2\nmetric: {name: val_acc}\n"
+            "parameters: {seed: {values: [1, 2], probabilities: [0.5, 0.5]}}\n",
+            "parameter 'seed': bayes cannot take probabilities",
+        ),
         ("name: x\nparameters: {seed: {values: []}}\n", "parameter 'seed': {'values': []} is none of W&B's"),
         ("name: x\nparameters: {nope: {values: [1]}}\n", "unknown key 'nope'"),
         (
@@ -389,3 +404,66 @@ def test_a_wandb_style_sweep_runs(tmp_path: Path, data_env: dict):
     assert "note: 'early_terminate' is valid; early termination is not built yet" in proc.stdout
     rows = load_json(tmp_path / "s" / "results.json")["members"]
     assert [r["final_val_loss"] for r in rows] == sorted(r["final_val_loss"] for r in rows), "goal: minimize"
+
+
+def test_bayes_proposals_are_a_function_of_the_finished_members(tmp_path: Path):
+    """rounds.next_round on recorded histories, without training: the same finished members give the
+    same proposals (in any directory); a changed result gives another."""
+    from mnist_dist.sweep import rounds
+
+    spec = sweeps.read_spec(ROOT / "configs" / "sweeps" / "bayes-lr.yaml")
+    assert spec.method == "bayes" and spec.count == 12 and sweeps.combinations(spec) == []
+    first = rounds.next_round(spec, [], [], 4)
+    assert len(first) == 4 and first == rounds.next_round(spec, [], [], 4), "seeded by the name and index"
+    assert all(0.02 <= p["phases.0.lr"] <= 2.0 and 0.01 <= p["phases.1.lr"] <= 0.5 for p in first)
+    found = sweeps.members(spec, tmp_path / "sw", {}, None, combos=first)
+
+    def record(accs: list[float]) -> list[list[dict]]:
+        for member, acc in zip(found, accs, strict=True):
+            member.run_dir.mkdir(parents=True, exist_ok=True)
+            history = [
+                {"phase": None, "epoch": 0, "val_acc": 0.1, "val_loss": 2.3},
+                {"phase": 0, "epoch": 1, "val_acc": acc, "val_loss": 1 - acc},
+            ]
+            (member.run_dir / "history.json").write_text(json.dumps(history))
+            (member.run_dir / "run.json").write_text(json.dumps({"status": "completed"}))
+        return rounds.next_round(spec, found, first, 4)
+
+    one = record([0.97, 0.5, 0.5, 0.5])
+    assert one == record([0.97, 0.5, 0.5, 0.5]), "the same finished members: the same proposals"
+    other = record([0.5, 0.5, 0.5, 0.97])
+    assert other != one, "the next round follows the finished members' results"
+    assert len(rounds.next_round(spec, found, first * 3, 4)) == 0, "run_cap: 12 proposals at most"
+
+
+def test_a_bayes_sweep_trains_in_rounds_and_a_rerun_goes_on_from_its_proposals(
+    tmp_path: Path, data_env: dict
+):
+    text = (ROOT / "configs" / "sweeps" / "bayes-lr.yaml").read_text()
+    text = text.replace("run_cap: 12", "run_cap: 4").replace(
+        "../seed.yaml", str(ROOT / "configs" / "seed.yaml")
+    )
+    spec = _spec(tmp_path, text)
+    args = [
+        "--phases",
+        "1x0.5,1x0.1",
+        "--tracker",
+        "none",
+        "--round-size",
+        "2",
+        "--output-dir",
+        tmp_path / "s",
+    ]
+    proc = ok(run_cli("sweep", "run", spec, *args, env=data_env))
+    assert "bayes, 4 members, rounds of 2" in proc.stdout
+    assert "4 trained, 0 skipped, 0 failed" in proc.stdout, proc.stdout
+    manifest = load_json(tmp_path / "s" / "sweep.json")
+    assert manifest["rounds"] == [2, 2] and len(manifest["proposals"]) == 4 and len(manifest["members"]) == 4
+    assert [r["status"] for r in load_json(tmp_path / "s" / "results.json")["members"]] == ["done"] * 4
+    status = ok(run_cli("sweep", "status", tmp_path / "s", env=data_env)).stdout
+    assert "(bayes: 2 round(s), 4 of 4 proposed): 4 member(s): 0 pending, 0 running, 4 done" in status
+    again = ok(run_cli("sweep", "run", spec, *args, env=data_env))
+    assert (
+        "0 trained" in again.stdout
+        and load_json(tmp_path / "s" / "sweep.json")["proposals"] == manifest["proposals"]
+    )

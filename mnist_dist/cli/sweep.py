@@ -30,6 +30,13 @@ Target = Annotated[str, typer.Argument(help="Sweep dir, or the job id of its arr
 
 def load_members(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any, Path, list[Any]]:
     """(spec, sweep dir, members): every member validated before anything runs or is submitted."""
+    spec, root, build = load_spec(spec_path, opts, confirm)
+    return spec, root, build(None)
+
+
+def load_spec(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any, Path, Any]:
+    """(spec, sweep dir, build): build(None) is every member of a grid or random sweep, build(combos)
+    the members of those swept values (a bayes sweep's proposals), each validated."""
     from mnist_dist.sweep import spec as sweeps
 
     overrides = option_overrides(opts)
@@ -39,8 +46,11 @@ def load_members(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[
     if opts.get("config"):  # --config takes the place of the spec's base
         spec.base = opts["config"]
     root = sweeps.sweep_dir(spec, overrides.pop("output_dir"))
-    found = sweeps.members(spec, root.absolute(), overrides, opts.get("set_"), confirm)
-    return spec, root, found
+
+    def build(combos: list[dict[str, Any]] | None) -> list[Any]:
+        return sweeps.members(spec, root.absolute(), overrides, opts.get("set_"), confirm, combos)
+
+    return spec, root, build
 
 
 Yes = Annotated[bool, Opt("--yes", help="Run a grid of more than 1,000 members.")]
@@ -72,29 +82,68 @@ def run(
     retry_failed: Annotated[bool, Opt(help="Train members that failed before again.")] = False,
     pack: PackMode = "auto",
     max_pack: MaxPack = None,
+    round_size: Annotated[
+        int | None, Opt(help="method bayes: members proposed a round (default: about 4 rounds).")
+    ] = None,
     **opts: Any,
 ) -> None:
     """Train every member on this machine: packs of members, one process per CPU, or per GPU when
-    the members train on GPUs (finished members are skipped)."""
+    the members train on GPUs (finished members are skipped); a bayes sweep in rounds of packs."""
     from mnist_dist.store import datafiles
     from mnist_dist.sweep import results as sweep_results
     from mnist_dist.sweep import spec as sweeps
-    from mnist_dist.sweep.local import PackProcessFailed, PacksStopped, local_workers, run_members
-    from mnist_dist.train.stopping import Preempted, StopFlag, stop_on_signals
+    from mnist_dist.sweep.local import local_workers
 
     check_pack(pack, max_pack)
-    parsed, root, found = load_members(spec, opts, yes)
+    if round_size is not None and not 1 <= round_size <= 1024:
+        raise UserError(f"--round-size {round_size}: from 1 to 1024")
+    parsed, root, build = load_spec(spec, opts, yes)
+    found = build(None)
+    probe = found[0] if found else build([{}])[0]  # the base config: a bayes sweep's members come later
     for note in parsed.notes:
         print(f"note: {note}")
-    for data_dir in sorted({m.cfg.data_dir() for m in found}):  # a data problem is the sweep's, once
-        datafiles.prepare(data_dir, found[0].cfg.data.source)
-    sweeps.write_manifest(root, parsed, found)
-    print(f"sweep {parsed.name}: {len(found)} member(s) in {root}/members")
-    stop = StopFlag(found[0].cfg.checkpoint.stop_check_steps)
+    for data_dir in sorted({m.cfg.data_dir() for m in found or [probe]}):  # a data problem is the sweep's
+        datafiles.prepare(data_dir, probe.cfg.data.source)
+    workers, gpus = local_workers(probe.cfg)
+    if parsed.method == "bayes":
+        from mnist_dist.sweep.rounds import default_round_size
+
+        round_size = round_size or default_round_size(parsed, workers)
+        print(
+            f"sweep {parsed.name}: bayes, {parsed.count} members, rounds of {round_size}, in {root}/members"
+        )
+    else:
+        sweeps.write_manifest(root, parsed, found)
+        print(f"sweep {parsed.name}: {len(found)} member(s) in {root}/members")
+
+    def train(members: list[Any], stop: Any) -> dict[str, int]:
+        from mnist_dist.sweep.local import run_members
+
+        return run_members(members, stop, print, retry_failed, pack, max_pack, workers=workers, gpus=gpus)
+
+    counts = _stoppable(parsed, root, found, build, train, round_size, probe.cfg.checkpoint.stop_check_steps)
+    results = sweep_results.write(root)
+    print(sweep_results.format_table(results), end="")
+    print(", ".join(f"{n} {what}" for what, n in counts.items()) + f"; results in {root}/results.json")
+
+
+def _stoppable(
+    spec: Any, root: Path, found: list[Any], build: Any, train: Any, round_size: int | None, every: int
+) -> dict[str, int]:
+    """The sweep's training under the stop signals: a stop or a failed pack process is one line and
+    its exit code."""
+    from mnist_dist.sweep.local import COUNTS, PackProcessFailed, PacksStopped
+    from mnist_dist.train.stopping import Preempted, StopFlag, stop_on_signals
+
+    stop = StopFlag(every)
     stop_on_signals(stop, ctrl_c=True)  # a first Ctrl-C stops every pack at a checkpoint, as SIGTERM does
     try:
-        workers, gpus = local_workers(found[0].cfg)
-        counts = run_members(found, stop, print, retry_failed, pack, max_pack, workers=workers, gpus=gpus)
+        if spec.method != "bayes":
+            return train(found, stop)
+        from mnist_dist.sweep.rounds import run_rounds
+
+        _, done = run_rounds(spec, root, build, lambda members: train(members, stop), round_size or 1)
+        return {what: done.get(what, 0) for what in COUNTS}
     except (Preempted, PacksStopped) as e:
         why = "interrupted" if stop.interrupted else str(e)
         print(f"error: {why}: checkpoints saved; run the same command again to resume", file=sys.stderr)
@@ -102,9 +151,6 @@ def run(
     except PackProcessFailed as e:
         print(f"error: {e}; run the same command again to resume", file=sys.stderr)
         raise typer.Exit(e.exit_code) from None
-    results = sweep_results.write(root)
-    print(sweep_results.format_table(results), end="")
-    print(", ".join(f"{n} {what}" for what, n in counts.items()) + f"; results in {root}/results.json")
 
 
 @sweep_app.command("results")
@@ -135,7 +181,11 @@ def status(target: Target, as_json: Annotated[bool, Opt("--json", help="Print JS
         return
     counts = ", ".join(f"{n} {state}" for state, n in info["counts"].items())
     job = f" (job {info['job_id']})" if info.get("job_id") else ""
-    print(f"sweep {info['name']}{job}: {info['members']} member(s): {counts}")
+    how = ""
+    if "rounds" in info:  # bayes
+        rounds, proposed, cap = info["rounds"], info["proposed"], info["run_cap"]
+        how = f" ({info['method']}: {rounds} round(s), {proposed} of {cap} proposed)"
+    print(f"sweep {info['name']}{job}{how}: {info['members']} member(s): {counts}")
     for task in info.get("tasks", []):
         members = ", ".join(f"{n} {state}" for state, n in task["counts"].items())
         print(f"  task {task['task']}: {task['state']}; {members}")

@@ -115,6 +115,10 @@ def submit(
         raise UserError(f"--members-per-task {packing.per_task}: from 1 to 100000")
     if not 1 <= parallelism <= 100_000:
         raise UserError(f"--array-parallelism {parallelism}: from 1 to 100000")
+    if spec.method == "bayes":
+        raise UserError(
+            "method bayes runs on this machine for now (`mnist-dist sweep run`); on SLURM use grid or random"
+        )
     root = root.absolute()
     slurm.preflight(opts, members[0].cfg, root)
     todo = [m for m in members if to_train(member_state(m.run_dir), retry_failed=False)]
@@ -178,7 +182,11 @@ def status(target: str) -> dict[str, Any]:
         "sweep_dir": str(root),
         "members": len(states),
         "counts": {s: counted[s] for s in STATES},
+        "method": manifest.get("method", "grid"),
     }
+    if "proposals" in manifest:  # bayes: rounds of proposals
+        info.update(rounds=len(manifest.get("rounds", [])), proposed=len(manifest["proposals"]))
+        info["run_cap"] = manifest.get("run_cap")
     jobs = manifest.get("jobs", [])
     if jobs:
         job = jobs[-1]

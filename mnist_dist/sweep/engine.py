@@ -10,10 +10,16 @@ than a parser of our own.
 - `grid`: the engine's grid rule (values, a constant, int_uniform and q_uniform enumerated).
 - `draw`: one member of a random sweep, each value drawn by the engine's own sampler (`sample()`: its
   ppf of a uniform draw), from random states seeded by the sweep's name and the member's index.
+- `propose`: one member of a bayes sweep, the engine's `next_run` (a Gaussian process over the
+  finished members, the pending ones given as running runs, as W&B's controller does), seeded alike.
 
 Rough edges of sweeps 0.2.0 met here: its schema refuses `run_cap` (W&B's current key) and our
-`base`: they are taken off before it validates. numpy and scipy come with it: imported only here,
-by sweep commands.
+`base`: they are taken off before it validates. Under pydantic 2 its SweepRun drops `summary_metrics=`
+and `history=` given by those names (its v1 `allow_population_by_field_name` is not honoured): every
+run then looks metric-less, bayes fits a flat Gaussian process and falls back to random samples
+("kernel ... close to their bounds"). So runs are given by the aliases, `summaryMetrics` and
+`sampledHistory`. Bayes over a categorical with probabilities raises IndexError in its cdf: refused.
+numpy, scipy and scikit-learn come with it: imported only here, by sweep commands.
 """
 
 from __future__ import annotations
@@ -179,3 +185,44 @@ def _plain(value: Any) -> Any:
     """numpy scalars as Python's (configs and JSON take those)."""
     item = getattr(value, "item", None)
     return item() if callable(item) and not isinstance(value, (list, dict, str)) else value
+
+
+def propose(
+    params: list[Parameter],
+    metric: tuple[str, str],
+    finished: list[tuple[dict[str, Any], list[float]]],
+    pending: list[dict[str, Any]],
+    sweep: str,
+    index: int,
+) -> dict[str, Any]:
+    """Member `index` of a bayes sweep over `params`, for `metric` (name, goal), given the finished
+    members (their values and each epoch's metric; none for a member that failed) and the pending
+    ones: the engine's next_run, the same for the same inputs."""
+    _load()
+    import logging
+
+    from sweeps import RunState, SweepRun, next_run
+
+    config = {
+        "method": "bayes",
+        "metric": {"name": metric[0], "goal": metric[1]},
+        "parameters": {p.key: dict(p.config) for p in params},
+    }
+
+    def run(values: dict[str, Any], state: Any, curve: list[float] | None = None) -> Any:
+        history = [{metric[0]: v} for v in curve or []]
+        summary = {metric[0]: curve[-1]} if curve else {}
+        config_values = {k: {"value": v} for k, v in values.items()}
+        return SweepRun(config=config_values, state=state, summaryMetrics=summary, sampledHistory=history)
+
+    runs = [run(v, RunState.finished if curve else RunState.failed, curve) for v, curve in finished]
+    runs += [run(v, RunState.running) for v in pending]
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the engine logs a warning for each odd value
+    try:
+        with _seeded(f"{sweep}:bayes:{index}"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            proposed = next_run(config, runs)
+    finally:
+        logging.getLogger().setLevel(quiet)
+    return {p.key: _on_grid(_plain(proposed.config[p.key]["value"]), p.config.get("q")) for p in params}

@@ -87,18 +87,14 @@ def read_spec(path: Path) -> Spec:
     if not isinstance(name, str) or not re.match(NAME_PATTERN, name):
         raise _fail(path, f"name {name!r}: use letters, digits and . _ - (up to 64)")
     method = raw.get("method", "grid")
-    if method == "bayes":
-        raise _fail(
-            path,
-            "method 'bayes' (proposals that learn from finished members) is not supported yet; "
-            "use grid or random",
-        )
     parameters = _parameters(path, raw.get("parameters"))
     objection = engine.check_file(raw)
     if objection:
         raise _fail(path, f"{objection} (W&B's sweep schema)")
-    if method not in ("grid", "random"):
-        raise _fail(path, f"method {method!r}: use grid or random")
+    if method not in ("grid", "random", "bayes"):
+        raise _fail(path, f"method {method!r}: use grid, random or bayes")
+    if method == "bayes":
+        _check_bayes(path, raw, parameters)
     spec = Spec(name, method, parameters, path=path)
     spec.metric, spec.goal = _metric(path, raw.get("metric"))
     spec.count = _count(path, raw, method)
@@ -110,6 +106,22 @@ def read_spec(path: Path) -> Spec:
             "'early_terminate' is valid; early termination is not built yet: every member trains to the end"
         )
     return spec
+
+
+def _check_bayes(path: Path, raw: dict[str, Any], parameters: dict[str, Parameter]) -> None:
+    if not isinstance(raw.get("metric"), dict):
+        raise _fail(
+            path, "method bayes needs a metric to learn from: e.g. metric: {name: val_acc, goal: maximize}"
+        )
+    if not any(p.swept for p in parameters.values()):
+        raise _fail(path, "method bayes needs a parameter that takes more than one value")
+    for p in parameters.values():
+        if "probabilities" in p.config:
+            raise _fail(
+                path,
+                f"parameter '{p.key}': bayes cannot take probabilities (W&B's engine 0.2.0 fails on "
+                "them); drop them or use method random",
+            )
 
 
 def _parameters(path: Path, params: Any) -> dict[str, Parameter]:
@@ -139,8 +151,8 @@ def _metric(path: Path, metric: Any) -> tuple[str, str]:
 def _count(path: Path, raw: dict[str, Any], method: str) -> int | None:
     count = raw.get("run_cap", raw.get("count"))
     if count is None:
-        if method == "random":
-            raise _fail(path, "method random needs run_cap (or count): how many members to draw")
+        if method in ("random", "bayes"):
+            raise _fail(path, f"method {method} needs run_cap (or count): how many members to draw")
         return None
     if type(count) is not int or not 1 <= count <= 1_000_000:
         raise _fail(path, f"run_cap {count!r}: a whole number of members from 1 to 1,000,000")
@@ -157,8 +169,11 @@ def _base(path: Path, base: Any) -> Path:
 
 
 def combinations(spec: Spec) -> list[dict[str, Any]]:
-    """Every member's swept values: the grid's product, or `count` draws (the same each time)."""
+    """Every member's swept values: the grid's product, or `count` draws (the same each time). A
+    bayes sweep's members are proposed round by round (rounds.py), not here."""
     params = list(spec.parameters.values())
+    if spec.method == "bayes":
+        return []
     if spec.method == "grid":
         try:
             grid = engine.grid(params)
@@ -179,10 +194,16 @@ def member_id(cfg: TrainConfig) -> str:
 
 
 def members(
-    spec: Spec, root: Path, overrides: dict[str, Any], sets: list[str] | None, confirm: bool = False
+    spec: Spec,
+    root: Path,
+    overrides: dict[str, Any],
+    sets: list[str] | None,
+    confirm: bool = False,
+    combos: list[dict[str, Any]] | None = None,
 ) -> list[Member]:
-    """Every member with its full, validated config (base, then TRAIN OPTIONS, then its swept values)."""
-    combos = combinations(spec)
+    """Every member with its full, validated config (base, then TRAIN OPTIONS, then its swept values):
+    those of `combos` (a bayes sweep's proposals), else the spec's combinations."""
+    combos = combinations(spec) if combos is None else combos
     if len(combos) > CONFIRM_ABOVE and not confirm:
         raise UserError(f"sweep {spec.name} has {len(combos):,} members; pass --yes to run that many")
     base = raw_config(spec.base, overrides, sets)
