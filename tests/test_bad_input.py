@@ -81,6 +81,7 @@ CORRUPT_CHECKPOINT = {  # progress.json lists a file whose hash does not match
 TRUNCATED_IDX = {"mnist/MNIST/raw/train-images-idx3-ubyte": b"\x00\x00\x08\x03" + b"\x00" * 12}
 A_FILE = {"afile": "keep me\n"}
 PROBS = "{values: [1, 2], probabilities: [1, 1]}\n"
+BAYES = "name: b\nmethod: bayes\nrun_cap: 2\nmetric: {name: val_acc}\nparameters:\n  seed: {min: 0, max: 3}\n"
 SPEC = "name: s\nparameters:\n  seed: {values: [0, 1]}\n"  # a valid sweep: the row's option is the bad part
 MANIFEST = json.dumps(
     {"name": "s", "metric": {"name": "val_acc", "goal": "maximize"}, "swept": [], "members": []}
@@ -266,6 +267,12 @@ ROWS = [
         "sweep run {tmp}/s.yaml",
         "unknown key 'model.depth'",
         {"s.yaml": SPEC + "  model: {parameters: {depth: {values: [1, 2]}}}\n"},
+    ),
+    Row(
+        "sweep-submit-bayes",
+        "sweep submit {tmp}/s.yaml --partition cpu",
+        "method bayes runs on this machine for now",
+        {"s.yaml": BAYES},
     ),
     Row(
         "sweep-run-bad-hyperband",
