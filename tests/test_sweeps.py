@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from mnist_dist.errors import UserError
 from mnist_dist.sweep import spec as sweeps
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.track import wandb_file
@@ -467,3 +468,16 @@ def test_a_bayes_sweep_trains_in_rounds_and_a_rerun_goes_on_from_its_proposals(
         "0 trained" in again.stdout
         and load_json(tmp_path / "s" / "sweep.json")["proposals"] == manifest["proposals"]
     )
+
+
+def test_current_wandb_keys_that_sweeps_0_2_0_refuses_are_taken(tmp_path: Path):
+    """run_cap and hyperband's strict are in W&B's current schema (wandb/sweeps main), not in 0.2.0's."""
+    text = "name: s\nmethod: random\nrun_cap: 2\nparameters: {seed: {min: 0, max: 9}}\n"
+    spec = sweeps.read_spec(
+        _spec(tmp_path, text + "early_terminate: {type: hyperband, min_iter: 1, strict: true}\n")
+    )
+    assert spec.count == 2 and len(sweeps.combinations(spec)) == 2
+    with pytest.raises(UserError, match=r"'early_terminate\.strict': 3 is not true or false"):
+        sweeps.read_spec(
+            _spec(tmp_path, text + "early_terminate: {type: hyperband, min_iter: 1, strict: 3}\n")
+        )

@@ -13,13 +13,14 @@ than a parser of our own.
 - `propose`: one member of a bayes sweep, the engine's `next_run` (a Gaussian process over the
   finished members, the pending ones given as running runs, as W&B's controller does), seeded alike.
 
-Rough edges of sweeps 0.2.0 met here: its schema refuses `run_cap` (W&B's current key) and our
-`base`: they are taken off before it validates. Under pydantic 2 its SweepRun drops `summary_metrics=`
-and `history=` given by those names (its v1 `allow_population_by_field_name` is not honoured): every
-run then looks metric-less, bayes fits a flat Gaussian process and falls back to random samples
-("kernel ... close to their bounds"). So runs are given by the aliases, `summaryMetrics` and
-`sampledHistory`. Bayes over a categorical with probabilities raises IndexError in its cdf: refused.
-numpy, scipy and scikit-learn come with it: imported only here, by sweep commands.
+Rough edges of sweeps 0.2.0 met here: its schema refuses `run_cap` and hyperband's `strict` (W&B's
+current keys; wandb/sweeps main has both) and our `base`: they are taken off before it validates.
+Under pydantic 2 its SweepRun drops `summary_metrics=` and `history=` given by those names (its v1
+`allow_population_by_field_name` is not honoured): every run then looks metric-less, bayes fits a
+flat Gaussian process and falls back to random samples ("kernel ... close to their bounds"). So runs
+are given by the aliases, `summaryMetrics` and `sampledHistory`. Bayes over a categorical with
+probabilities raises IndexError in its cdf: refused. numpy, scipy and scikit-learn come with it:
+imported only here, by sweep commands.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def check_file(raw: dict[str, Any]) -> str | None:
 
     engine_view = {k: v for k, v in raw.items() if k not in ("run_cap", "count", "base")}
     engine_view.setdefault("method", "grid")
+    stopping = engine_view.get("early_terminate")
+    if isinstance(stopping, dict) and "strict" in stopping:  # W&B's current hyperband key; 0.2.0's refuses it
+        if not isinstance(stopping["strict"], bool):
+            return f"'early_terminate.strict': {stopping['strict']!r} is not true or false"
+        engine_view["early_terminate"] = {k: v for k, v in stopping.items() if k != "strict"}
     error = best_match(validator.iter_errors(engine_view))
     if error is None:
         return None
