@@ -256,16 +256,13 @@ class RunLock:
                     self.run_dir.rmdir()
 
 
-def claim(run_dirs: list[Path], log: Any = print) -> list[RunLock] | None:
-    """The locks of all `run_dirs`, or of none (None) when a live run holds one of them."""
+def claim(run_dirs: list[Path], log: Any = print) -> list[RunLock]:
+    """The locks of all `run_dirs`, or of none: when one is refused (Held: a live run holds it), the
+    ones taken are released and the refusal raised."""
     taken: list[RunLock] = []
     try:
         for run_dir in run_dirs:
             taken.append(RunLock(run_dir, log).acquire())
-    except Held:
-        for lock in taken:
-            lock.release()
-        return None
     except BaseException:
         for lock in taken:
             lock.release()

@@ -66,10 +66,12 @@ def claim(
 ) -> tuple[list, list]:
     """Claim a pack's members: (their locks, []) when this runner holds all of them and none was
     finished meanwhile; else ([], the members still free to train, to be planned again)."""
+    from mnist_dist.store.ownership import Held
     from mnist_dist.store.ownership import claim as claim_dirs
 
-    locks = claim_dirs([m.run_dir for m in group], log)
-    if locks is None:  # another runner holds some: the rest are planned again
+    try:
+        locks = claim_dirs([m.run_dir for m in group], log)
+    except Held:  # another runner holds some: the rest are planned again
         return [], [m for m in group if to_train(member_state(m.run_dir), retry_failed)]
     finished = [m for m in group if recorded_state(m.run_dir) == "done"]
     if not finished:

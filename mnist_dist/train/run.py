@@ -18,7 +18,7 @@ from typing import Any
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 from mnist_dist.store.outputs import check_output_dir
-from mnist_dist.store.ownership import RunLock
+from mnist_dist.store.ownership import RunLock, claim
 from mnist_dist.train.engine import Engine
 from mnist_dist.train.model import MnistPack
 from mnist_dist.train.run_state import RunState
@@ -105,12 +105,9 @@ def own(engine: Engine, run_dirs: list[Path]) -> list[RunLock]:
     refusal = None
     if engine.is_main:
         try:
-            for run_dir in run_dirs:
-                locks.append(RunLock(run_dir, log=engine.print).acquire())
+            locks = claim(run_dirs, log=engine.print)
         except UserError as e:
             refusal = e
-            for lock in locks:
-                lock.release()
     if engine.any_process(refusal is not None):
         where = run_dirs[0] if len(run_dirs) == 1 else "a member's run dir"
         raise refusal or UserError(f"{where} is being written by another run (the main process names it)")
