@@ -275,6 +275,18 @@ ROWS = [
         {"s.yaml": BAYES},
     ),
     Row(
+        "sweep-run-deprecated-log-uniform",
+        "sweep run {tmp}/s.yaml",
+        "parameter 'phases.0.lr': uses log_uniform, where min/max specify base-e exponents",
+        {"s.yaml": SPEC + "  phases.0.lr: {distribution: log_uniform, min: -3, max: 0}\n"},
+    ),
+    Row(
+        "sweep-run-target-not-a-number",
+        "sweep run {tmp}/s.yaml",
+        "'metric.target': 'high' is not of type 'number'",
+        {"s.yaml": SPEC + "metric: {name: val_acc, target: high}\n"},
+    ),
+    Row(
         "sweep-run-bad-hyperband",
         "sweep run {tmp}/s.yaml",
         "'early_terminate.type': 'asha' is not one of ['hyperband']",

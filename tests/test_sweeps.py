@@ -155,6 +155,16 @@ def test_goal_minimize_puts_the_lowest_first(
         ),
         ("name: x\nparameters: {seed: {values: [1]}}\nmetric: {name: accuracy}\n", "metric"),
         ("name: 'a b'\nparameters: {seed: {values: [1]}}\n", "name 'a b'"),
+        (
+            "name: x\nmethod: random\nrun_cap: 2\n"
+            "parameters: {phases.0.lr: {distribution: log_uniform, min: -3, max: 0}}\n",
+            "parameter 'phases.0.lr': uses log_uniform, where min/max specify base-e exponents. "
+            "Use log_uniform_values",
+        ),
+        (
+            "name: x\nmetric: {name: val_acc, target: high}\nparameters: {seed: {values: [1]}}\n",
+            "'metric.target': 'high' is not of type 'number'",
+        ),
     ],
 )
 def test_bad_sweep_files_are_one_line_exit_2_and_nothing_is_written(tmp_path: Path, text: str, message: str):
@@ -434,35 +444,41 @@ def test_bayes_proposals_are_a_function_of_the_finished_members(tmp_path: Path):
     assert one == record([0.97, 0.5, 0.5, 0.5]), "the same finished members: the same proposals"
     other = record([0.5, 0.5, 0.5, 0.97])
     assert other != one, "the next round follows the finished members' results"
+    (found[3].run_dir / "run.json").write_text(json.dumps({"status": "failed"}))
+    worst = rounds.next_round(spec, found, first, 4)  # a failed member counts as the worst (the default)
+    spec.impute = "best"
+    assert rounds.next_round(spec, found, first, 4) != worst, "metric.impute goes to the engine"
+    spec.impute = None
     assert len(rounds.next_round(spec, found, first * 3, 4)) == 0, "run_cap: 12 proposals at most"
 
 
 def test_a_bayes_sweep_trains_in_rounds_and_a_rerun_goes_on_from_its_proposals(
     tmp_path: Path, data_env: dict
 ):
+    """configs/sweeps/bayes-lr.yaml as written (run_cap 12), in 2 rounds of 6 (each 2 packs of 3)."""
     text = (ROOT / "configs" / "sweeps" / "bayes-lr.yaml").read_text()
-    text = text.replace("run_cap: 12", "run_cap: 4").replace(
-        "../seed.yaml", str(ROOT / "configs" / "seed.yaml")
-    )
-    spec = _spec(tmp_path, text)
+    spec = _spec(tmp_path, text.replace("../seed.yaml", str(ROOT / "configs" / "seed.yaml")))
     args = [
         "--phases",
         "1x0.5,1x0.1",
         "--tracker",
         "none",
         "--round-size",
-        "2",
+        "6",
         "--output-dir",
         tmp_path / "s",
     ]
     proc = ok(run_cli("sweep", "run", spec, *args, env=data_env))
-    assert "bayes, 4 members, rounds of 2" in proc.stdout
-    assert "4 trained, 0 skipped, 0 failed" in proc.stdout, proc.stdout
+    assert "bayes, 12 members, rounds of 6" in proc.stdout
+    assert "12 trained, 0 skipped, 0 failed" in proc.stdout, proc.stdout
     manifest = load_json(tmp_path / "s" / "sweep.json")
-    assert manifest["rounds"] == [2, 2] and len(manifest["proposals"]) == 4 and len(manifest["members"]) == 4
-    assert [r["status"] for r in load_json(tmp_path / "s" / "results.json")["members"]] == ["done"] * 4
+    assert manifest["rounds"] == [6, 6] and len(manifest["proposals"]) == len(manifest["members"]) == 12
+    results = load_json(tmp_path / "s" / "results.json")
+    assert [r["status"] for r in results["members"]] == ["done"] * 12
+    progress = [results[k] for k in ("method", "rounds", "proposed", "run_cap")]
+    assert progress == ["bayes", 2, 12, 12]
     status = ok(run_cli("sweep", "status", tmp_path / "s", env=data_env)).stdout
-    assert "(bayes: 2 round(s), 4 of 4 proposed): 4 member(s): 0 pending, 0 running, 4 done" in status
+    assert "(bayes: 2 round(s), 12 of 12 proposed): 12 member(s): 0 pending, 0 running, 12 done" in status
     again = ok(run_cli("sweep", "run", spec, *args, env=data_env))
     assert (
         "0 trained" in again.stdout
@@ -481,3 +497,62 @@ def test_current_wandb_keys_that_sweeps_0_2_0_refuses_are_taken(tmp_path: Path):
         sweeps.read_spec(
             _spec(tmp_path, text + "early_terminate: {type: hyperband, min_iter: 1, strict: 3}\n")
         )
+
+
+def _record(run_dir: Path, values: list[float], status: str | None = "completed") -> None:
+    """A member's files as a run writes them: epoch 0's evaluation, then one entry per epoch; with a
+    status, run.json and history.json (finished), without, metrics.jsonl only (still training)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    entries = [{"phase": None, "epoch": 0, "val_acc": 0.1, "val_loss": 2.3}]
+    entries += [{"phase": 0, "epoch": i, "val_acc": v, "val_loss": 1 - v} for i, v in enumerate(values, 1)]
+    if status is None:
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+        return
+    (run_dir / "history.json").write_text(json.dumps(entries))
+    (run_dir / "run.json").write_text(json.dumps({"status": status}))
+
+
+def test_a_target_is_reached_by_an_epoch_of_any_member_as_far_as_it_got(tmp_path: Path):
+    """target.reached on recorded members, without training: done or still training, any epoch so far
+    (the value bayes learns from), >= for maximize and <= for minimize; a failed member never."""
+    from mnist_dist.sweep.target import reached
+
+    root = tmp_path / "sw"
+    members = [{"id": i} for i in ("failed", "dipped", "training", "pending")]
+    _record(SweepDir(root).member("failed"), [0.99], status="failed")
+    _record(SweepDir(root).member("dipped"), [0.91, 0.95, 0.9])
+    _record(SweepDir(root).member("training"), [0.93], status=None)
+
+    def at(target: float | None, goal: str = "maximize") -> tuple[str, float] | None:
+        metric = {"name": "val_acc", "goal": goal, "target": target}
+        hit = reached(root, {"metric": metric, "members": members})
+        return None if hit is None else (hit.member, hit.value)
+
+    assert at(None) is None and at(0.96) is None
+    assert at(0.95) == ("dipped", 0.95), "an epoch that reached it: the member's best, >= counts"
+    assert at(0.93) == ("dipped", 0.95), "the first member in the sweep's order"
+    members.reverse()
+    assert at(0.93) == ("training", 0.93), "a member still training counts as far as it got"
+    assert at(0.05, "minimize") is None and at(0.9, "minimize") == ("dipped", 0.9)
+
+
+def test_a_reached_target_starts_no_new_member(tmp_path: Path, data_env: dict):
+    """As W&B: once a member reaches metric.target, the members training go on to their end, no pack
+    that has not started starts, a rerun trains nothing, status and results say who reached it."""
+    text = SPEC.replace("{name: val_acc, goal: maximize}", "{name: val_acc, goal: maximize, target: 0.5}")
+    args = ["sweep", "run", _spec(tmp_path, text), *PHASES, "--tracker", "none", "--max-pack", "1"]
+    root = tmp_path / "s"
+    proc = ok(run_cli(*args, "--output-dir", root, env=data_env))
+    assert "target val_acc >= 0.5 reached by member " in proc.stdout, proc.stdout
+    counts = proc.stdout.strip().splitlines()[-1]
+    trained, not_started = (int(counts.split(f" {w}")[0].split()[-1]) for w in ("trained", "not started"))
+    assert trained + not_started == 4 and not_started >= 2, counts  # 2 packs of one at once, at most
+    results = load_json(root / "results.json")
+    assert [r["status"] for r in results["members"]].count("pending") == not_started
+    hit = results["target_reached"]
+    assert hit["value"] >= 0.5 and any(r["id"] == hit["member"] for r in results["members"])
+    status = ok(run_cli("sweep", "status", root, env=data_env)).stdout
+    assert f"target val_acc >= 0.5 reached by member {hit['member']}" in status, status
+    again = ok(run_cli(*args, "--output-dir", root, env=data_env))
+    assert f"0 trained, {trained} skipped" in again.stdout and f"{not_started} not started" in again.stdout
+    assert "reached by member" in again.stdout and "Epoch [" not in again.stdout

@@ -174,6 +174,7 @@ def results(
 def status(target: Target, as_json: Annotated[bool, Opt("--json", help="Print JSON.")] = False) -> None:
     """Members pending / running / done / failed / stopped, and per array task when submitted."""
     from mnist_dist.sweep import array as sweep_slurm
+    from mnist_dist.sweep.results import describe
 
     info = sweep_slurm.status(target)
     if as_json:
@@ -181,10 +182,8 @@ def status(target: Target, as_json: Annotated[bool, Opt("--json", help="Print JS
         return
     counts = ", ".join(f"{n} {state}" for state, n in info["counts"].items())
     job = f" (job {info['job_id']})" if info.get("job_id") else ""
-    how = ""
-    if "rounds" in info:  # bayes
-        rounds, proposed, cap = info["rounds"], info["proposed"], info["run_cap"]
-        how = f" ({info['method']}: {rounds} round(s), {proposed} of {cap} proposed)"
+    how = describe(info, info["metric"])
+    how = f" ({how})" if how else ""
     print(f"sweep {info['name']}{job}{how}: {info['members']} member(s): {counts}")
     for task in info.get("tasks", []):
         members = ", ".join(f"{n} {state}" for state, n in task["counts"].items())

@@ -27,8 +27,10 @@ from mnist_dist.slurm import submit as slurm
 from mnist_dist.store.provenance import now
 from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep.layout import SweepDir
+from mnist_dist.sweep.results import progress
 from mnist_dist.sweep.spec import Member, Spec, read_manifest, write_manifest
 from mnist_dist.sweep.state import STATES, member_state, to_train
+from mnist_dist.sweep.target import reached
 
 TASK_MINUTE_S = 60.0  # the default task trains about this long: Slurm's scheduling cost stays small
 # Planning estimates of the seed config on one CPU thread, to size tasks (SWEEP.md has the measures):
@@ -134,6 +136,10 @@ def submit(
         raise UserError(
             f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"
         )
+    metric = {"name": spec.metric, "goal": spec.goal, "target": spec.target}
+    finished = reached(root, {"metric": metric, "members": [{"id": m.id} for m in members]})
+    if finished is not None:
+        raise UserError(f"sweep {spec.name}: {finished}; nothing to submit")
     for data_dir in sorted({m.cfg.data_dir().expanduser().absolute() for m in members}):
         datafiles.prepare(data_dir, members[0].cfg.data.source, log=log)  # compute nodes never download
     write_manifest(root, spec, members)
@@ -182,11 +188,9 @@ def status(target: str) -> dict[str, Any]:
         "sweep_dir": str(root),
         "members": len(states),
         "counts": {s: counted[s] for s in STATES},
-        "method": manifest.get("method", "grid"),
+        "metric": manifest["metric"],
+        **progress(root, manifest),
     }
-    if "proposals" in manifest:  # bayes: rounds of proposals
-        info.update(rounds=len(manifest.get("rounds", [])), proposed=len(manifest["proposals"]))
-        info["run_cap"] = manifest.get("run_cap")
     jobs = manifest.get("jobs", [])
     if jobs:
         job = jobs[-1]

@@ -82,7 +82,7 @@ def check_file(raw: dict[str, Any]) -> str | None:
     where = ".".join(map(str, error.absolute_path))
     said = " ".join(error.message.split())
     if where == "early_terminate":
-        said += " (W&B's hyperband: type hyperband, min_iter or max_iter, and eta, s, strict if you like)"
+        said += " (W&B's hyperband: type hyperband, and min_iter or max_iter with s; eta, strict optional)"
     return f"'{where}': {said}" if where else said
 
 
@@ -90,7 +90,7 @@ def parameters(params: dict[str, Any], prefix: str = "") -> list[Parameter]:
     """Each parameter as the engine reads it; ValueError naming the dotted key for one it cannot."""
     _load()
     from sweeps.config import ParamValidationError
-    from sweeps.config.schema import validate_categorical_prob
+    from sweeps.config.schema import check_for_deprecated_distributions, validate_categorical_prob
     from sweeps.params import HyperParameter
 
     out = []
@@ -107,6 +107,7 @@ def parameters(params: dict[str, Any], prefix: str = "") -> list[Parameter]:
             continue
         try:
             validate_categorical_prob(key, p)
+            check_for_deprecated_distributions(key, dict(p))
             hp = HyperParameter(key, dict(p))
         except ParamValidationError:
             raise ValueError(f"parameter '{key}': 'parameters' goes alone (nested keys)") from None
@@ -123,7 +124,9 @@ def _engine_words(key: str, p: dict[str, Any], e: Exception) -> str:
             f"{p} is none of W&B's parameters (values, value, min/max, or a distribution with its "
             "keys: e.g. {distribution: q_uniform, min: 0, max: 1, q: 0.1})"
         )
-    return f"parameter '{key}': {said.removeprefix(f'{key}: ').removeprefix(f'Parameter {key}: ')}"
+    for prefix in (f"{key}: ", f"Parameter {key}: ", f"{key} "):
+        said = said.removeprefix(prefix)
+    return f"parameter '{key}': {said}"
 
 
 def grid(params: list[Parameter]) -> list[dict[str, Any]]:
@@ -195,13 +198,13 @@ def _plain(value: Any) -> Any:
 
 def propose(
     params: list[Parameter],
-    metric: tuple[str, str],
+    metric: dict[str, Any],
     finished: list[tuple[dict[str, Any], list[float]]],
     pending: list[dict[str, Any]],
     sweep: str,
     index: int,
 ) -> dict[str, Any]:
-    """Member `index` of a bayes sweep over `params`, for `metric` (name, goal), given the finished
+    """Member `index` of a bayes sweep over `params`, for `metric` (name, goal, impute), given the finished
     members (their values and each epoch's metric; none for a member that failed) and the pending
     ones: the engine's next_run, the same for the same inputs."""
     _load()
@@ -211,13 +214,13 @@ def propose(
 
     config = {
         "method": "bayes",
-        "metric": {"name": metric[0], "goal": metric[1]},
+        "metric": metric,
         "parameters": {p.key: dict(p.config) for p in params},
     }
 
     def run(values: dict[str, Any], state: Any, curve: list[float] | None = None) -> Any:
-        history = [{metric[0]: v} for v in curve or []]
-        summary = {metric[0]: curve[-1]} if curve else {}
+        history = [{metric["name"]: v} for v in curve or []]
+        summary = {metric["name"]: curve[-1]} if curve else {}
         config_values = {k: {"value": v} for k, v in values.items()}
         return SweepRun(config=config_values, state=state, summaryMetrics=summary, sampledHistory=history)
 

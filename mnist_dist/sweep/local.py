@@ -41,7 +41,7 @@ from mnist_dist.sweep.spec import Member
 from mnist_dist.sweep.state import claim, member_state, recorded_state, to_train
 from mnist_dist.train.stopping import StopFlag
 
-COUNTS = ("trained", "skipped", "failed", "stopped", "in use")
+COUNTS = ("trained", "skipped", "failed", "stopped", "in use", "not started")
 RELAYED = {signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}  # blocked in a pack process until it handles them
 CLAIMED_BY = "MNIST_DIST_CLAIMED_BY"  # a pack process's environment: the pid of the runner that claimed it
 
@@ -95,15 +95,42 @@ def run_members(
         else:
             counts["skipped"] += 1
     queue: Queue = deque(_plan(members, todo, pack, max_pack, workers, retry_failed))
+    gate = Gate(members, log)
     if len(queue) > 1 and workers > 1 and pack != "off":
-        ran = _in_processes(queue, workers, stop, log, gpus or [], retry_failed)
+        ran = _in_processes(queue, workers, stop, log, gpus or [], retry_failed, gate)
     else:
-        ran = _in_this_process(queue, stop, log, retry_failed)
+        ran = _in_this_process(queue, stop, log, retry_failed, gate)
     counts["in use"] = len(members) - counts["skipped"] - len(todo)  # held when this runner began
+    left = {m.id for group in queue for m in group}  # not started: the target was reached
     for member in todo:
-        state = recorded_state(member.run_dir) if member.id in ran else "in use"
-        counts[{"done": "trained", "failed": "failed", "in use": "in use"}.get(state, "stopped")] += 1
+        if member.id in ran:
+            state = recorded_state(member.run_dir)
+            counts[{"done": "trained", "failed": "failed"}.get(state, "stopped")] += 1
+        else:
+            counts["not started" if member.id in left else "in use"] += 1
     return counts
+
+
+class Gate:
+    """Whether another pack may start: not once a member reached the sweep's `metric.target`
+    (target.py; read from the sweep dir, so the tasks of an array and other runners agree)."""
+
+    def __init__(self, members: list[Member], log: Callable[[str], Any]) -> None:
+        from mnist_dist.sweep.spec import read_manifest
+
+        root = SweepDir.of_member(members[0].run_dir).root if members else None
+        self.manifest = read_manifest(root) if root and SweepDir(root).manifest.is_file() else {}
+        self.root, self.log, self.closed = root, log, False
+
+    def open(self) -> bool:
+        if not self.closed and self.root and (self.manifest.get("metric") or {}).get("target") is not None:
+            from mnist_dist.sweep.target import reached
+
+            why = reached(self.root, self.manifest)
+            if why is not None:
+                self.log(str(why))
+                self.closed = True
+        return not self.closed
 
 
 def _plan(
@@ -168,10 +195,12 @@ def local_workers(cfg: TrainConfig) -> tuple[int, list[str]]:
     return usable_cpus(), []
 
 
-def _in_this_process(queue: Queue, stop: StopFlag | None, log: Callable[[str], Any], retry: bool) -> set[str]:
+def _in_this_process(
+    queue: Queue, stop: StopFlag | None, log: Callable[[str], Any], retry: bool, gate: Gate
+) -> set[str]:
     """The packs one after another in this process; the ids of the members this runner trained."""
     ran: set[str] = set()
-    while queue:
+    while queue and gate.open():
         group = queue.popleft()
         locks = _take(group, queue, retry, log)
         if not locks:
@@ -234,7 +263,7 @@ def read_pack(where: Path) -> list[TrainConfig]:
 
 
 def _in_processes(
-    queue: Queue, workers: int, stop: StopFlag | None, log: Callable, gpus: list[str], retry: bool
+    queue: Queue, workers: int, stop: StopFlag | None, log: Callable, gpus: list[str], retry: bool, gate: Gate
 ) -> set[str]:
     """The packs as `workers` processes at a time (each on its own GPU when there are `gpus`); a stop
     is passed on to each once (SIGUSR2). Returns the ids of the members this runner trained."""
@@ -242,9 +271,9 @@ def _in_processes(
     free, ran = list(range(workers)), set()
     relayed, stopped, failure = False, 0, None
     try:
-        while queue or running:
+        while (queue and not gate.closed) or running:
             asked = stop is not None and stop.requested
-            while queue and len(running) < workers and not asked and failure is None:
+            while queue and len(running) < workers and not asked and failure is None and gate.open():
                 group = queue.popleft()
                 locks = _take(group, queue, retry, log)
                 if locks:

@@ -18,6 +18,7 @@ from typing import Any
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.spec import read_manifest
 from mnist_dist.sweep.state import member_state
+from mnist_dist.sweep.target import SIGNS, reached
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -93,6 +94,34 @@ def seed_groups(manifest: dict[str, Any], table: list[dict[str, Any]]) -> list[d
     return out
 
 
+def progress(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """How far the sweep's plan got: its method; a bayes sweep's rounds, proposals and run_cap; with a
+    `metric.target`, the member that reached it (or None)."""
+    info: dict[str, Any] = {"method": manifest.get("method", "grid")}
+    if "proposals" in manifest:  # bayes: rounds of proposals
+        info.update(rounds=len(manifest.get("rounds", [])), proposed=len(manifest["proposals"]))
+        info["run_cap"] = manifest.get("run_cap")
+    if (manifest.get("metric") or {}).get("target") is not None:
+        why = reached(root, manifest)
+        info["target_reached"] = None if why is None else {"member": why.member, "value": why.value}
+    return info
+
+
+def describe(info: dict[str, Any], metric: dict[str, Any]) -> str:
+    """The progress in words, e.g. "bayes: 3 round(s), 12 of 12 proposed; target val_acc >= 0.95
+    reached by member 0123456789 (0.9512)"; empty for a plain grid."""
+    parts = []
+    if "rounds" in info:
+        parts.append(
+            f"{info['method']}: {info['rounds']} round(s), {info['proposed']} of {info['run_cap']} proposed"
+        )
+    if "target_reached" in info:
+        hit = info["target_reached"]
+        by = f"reached by member {hit['member']} ({hit['value']:.4f})" if hit else "not reached"
+        parts.append(f"target {metric['name']} {SIGNS[metric['goal']]} {metric['target']:g} {by}")
+    return "; ".join(parts)
+
+
 def write(root: Path) -> dict[str, Any]:
     """results.json, results.csv and the plots; returns what results.json holds."""
     from mnist_dist.store.atomic import write_atomic
@@ -101,6 +130,7 @@ def write(root: Path) -> dict[str, Any]:
     results = {
         "sweep": manifest["name"],
         "metric": manifest["metric"],
+        **progress(root, manifest),
         "swept": manifest["swept"],
         "members": table,
         "seed_groups": seed_groups(manifest, table),
@@ -140,6 +170,8 @@ def format_table(results: dict[str, Any]) -> str:
             ]
         )
     text = _columns(lines) + f"\n(sorted by final {metric}, {results['metric']['goal']}; * best)\n"
+    how = describe(results, results["metric"])
+    text += f"{how}\n" if how else ""
     groups = results["seed_groups"]
     if groups:
         keys = [k for k in swept if k != "seed"]

@@ -20,7 +20,8 @@ from typing import Any
 from mnist_dist.sweep import engine
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.spec import Member, Spec, read_manifest, write_manifest
-from mnist_dist.sweep.state import member_state, recorded_state
+from mnist_dist.sweep.state import member_state
+from mnist_dist.sweep.target import curve, reached
 
 Build = Callable[[list[dict[str, Any]]], list[Member]]
 Train = Callable[[list[Member]], dict[str, int]]
@@ -29,16 +30,6 @@ Train = Callable[[list[Member]], dict[str, int]]
 def default_round_size(spec: Spec, workers: int) -> int:
     """About four rounds, and at least one member per worker in each."""
     return max(workers, math.ceil((spec.count or 1) / 4))
-
-
-def curve(run_dir: Path, metric: str) -> list[float]:
-    """The metric after each trained epoch of a finished member (empty for one that failed)."""
-    if recorded_state(run_dir) != "done":
-        return []
-    from mnist_dist.store.outputs import read_entries
-
-    entries = read_entries(run_dir) or []
-    return [float(e[metric]) for e in entries if e.get("phase") is not None and e.get(metric) is not None]
 
 
 def next_round(
@@ -50,7 +41,7 @@ def next_round(
     out: list[dict[str, Any]] = []
     for _ in range(max(0, min(size, (spec.count or 0) - len(proposals)))):
         index = len(proposals) + len(out)
-        out.append(engine.propose(params, (spec.metric, spec.goal), finished, out, spec.name, index))
+        out.append(engine.propose(params, spec.engine_metric, finished, out, spec.name, index))
     return out
 
 
@@ -73,6 +64,10 @@ def run_rounds(
             if any(member_state(m.run_dir) not in ("done", "failed") for m in left):
                 break  # held elsewhere or stopped: the next run goes on from here
             continue
+        finish = reached(root)
+        if finish is not None:
+            log(str(finish))
+            break
         new = next_round(spec, found, proposals, size)
         if not new:
             break

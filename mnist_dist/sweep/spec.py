@@ -6,9 +6,9 @@ run directory, compared in one table.
     SWEEP_DIR/results.{json,csv}  `mnist-dist sweep results`, with curves.png and final-<key>.png
 
 The spec is W&B's sweep configuration, read by W&B's own sweep engine (engine.py), so a W&B sweep file
-runs unchanged: `method` grid or random (bayes, which learns from finished members, is refused for
-now), `parameters` with every distribution and parameter key of W&B's schema (the implicit ones
-included; nested `parameters:` are dotted config keys), `metric`, `run_cap` (`count`), and
+runs unchanged: `method` grid, random or bayes (in rounds: rounds.py), `parameters` with every
+distribution and parameter key of W&B's schema (the implicit ones included; nested `parameters:` are
+dotted config keys), `metric` (its `target` finishes the sweep: target.py), `run_cap` (`count`), and
 `program`, `command`, `project`, `entity`, `description`, `controller`, which are noted and ignored;
 `early_terminate` is validated and noted (every member trains to the end). Ours: `name` and `base`.
 Keys are the dotted config keys `--set` takes. A member's id is a hash of its whole config, so running
@@ -44,10 +44,18 @@ class Spec:
     parameters: dict[str, Parameter]
     metric: str = "val_acc"
     goal: str = "maximize"
+    target: float | None = None
+    impute: str | None = None  # bayes: the value of a failed member (the engine's default: worst)
     count: int | None = None
     base: Path | None = None
     path: Path = Path("sweep.yaml")
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def engine_metric(self) -> dict[str, Any]:
+        """The metric as the engine's config writes it."""
+        metric = {"name": self.metric, "goal": self.goal}
+        return {**metric, "impute": self.impute} if self.impute else metric
 
     @property
     def swept(self) -> list[str]:
@@ -96,11 +104,17 @@ def read_spec(path: Path) -> Spec:
     if method == "bayes":
         _check_bayes(path, raw, parameters)
     spec = Spec(name, method, parameters, path=path)
-    spec.metric, spec.goal = _metric(path, raw.get("metric"))
+    spec.metric, spec.goal, spec.target = _metric(path, raw.get("metric"))
+    if isinstance(raw.get("metric"), dict):
+        spec.impute = raw["metric"].get("impute")
+        if "goal" not in raw["metric"]:
+            spec.notes.append(
+                f"metric goal not given: {spec.goal} {spec.metric} here (W&B's default is minimize)"
+            )
     spec.count = _count(path, raw, method)
     if raw.get("base") is not None:
         spec.base = _base(path, raw["base"])
-    spec.notes = [f"'{k}' is W&B's; noted and not used here" for k in sorted(NOTED & set(raw))]
+    spec.notes += [f"'{k}' is W&B's; noted and not used here" for k in sorted(NOTED & set(raw))]
     if "early_terminate" in raw:
         spec.notes.append(
             "'early_terminate' is valid; early termination is not built yet: every member trains to the end"
@@ -135,9 +149,9 @@ def _parameters(path: Path, params: Any) -> dict[str, Parameter]:
         raise _fail(path, str(e)) from None
 
 
-def _metric(path: Path, metric: Any) -> tuple[str, str]:
+def _metric(path: Path, metric: Any) -> tuple[str, str, float | None]:
     if metric is None:
-        return "val_acc", "maximize"
+        return "val_acc", "maximize", None
     if not isinstance(metric, dict) or metric.get("name") not in METRICS:
         raise _fail(
             path, f"metric {metric!r}: write {{name: val_acc, goal: maximize}} (or val_loss, train_loss)"
@@ -145,7 +159,8 @@ def _metric(path: Path, metric: Any) -> tuple[str, str]:
     goal = metric.get("goal", METRICS[metric["name"]])
     if goal not in ("maximize", "minimize"):
         raise _fail(path, f"metric goal {goal!r}: use maximize or minimize")
-    return metric["name"], goal
+    target = metric.get("target")  # a number: the engine's schema checked it
+    return metric["name"], goal, None if target is None else float(target)
 
 
 def _count(path: Path, raw: dict[str, Any], method: str) -> int | None:
@@ -245,7 +260,7 @@ def write_manifest(root: Path, spec: Spec, found: list[Member], **extra: Any) ->
     manifest = {
         "name": spec.name,
         "method": spec.method,
-        "metric": {"name": spec.metric, "goal": spec.goal},
+        "metric": {"name": spec.metric, "goal": spec.goal, "target": spec.target},
         "swept": spec.swept,
         "spec": str(spec.path),
         "members": [{"id": m.id, "params": m.params} for m in found],
