@@ -3,7 +3,7 @@
 #
 #   sudo bash slurm/cluster.sh start [--nodes 1|2]   # install (Debian), configure, start; waits until idle
 #   sudo bash slurm/cluster.sh check                 # exit 0 when the nodes are up and a 1-task srun works
-#   sudo bash slurm/cluster.sh stop                  # stop daemons, remove the network namespaces
+#   sudo bash slurm/cluster.sh stop                  # stop what start started (munged included), remove the namespaces
 #
 # Layouts. --nodes 1: one node, node0, the machine itself (127.0.0.1). --nodes 2 (default): two hosts,
 # node1 and node2, each a network namespace joined to a bridge by a veth pair (interface eth0 inside),
@@ -54,10 +54,21 @@ start_munge() {
   chown munge:munge /etc/munge/munge.key && chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
+  local started=""
   if ! pgrep -x munged >/dev/null; then
     runuser -u munge -- /usr/sbin/munged
+    started=yes
   fi
-  for _ in $(seq 50); do munge -n >/dev/null 2>&1 && return; sleep 0.1; done
+  for _ in $(seq 50); do
+    if munge -n >/dev/null 2>&1; then
+      if [ -n "$started" ]; then  # ours: `stop` stops it (a munged found running is left alone)
+        mkdir -p "$STATE"
+        cp /run/munge/munged.pid "$STATE/munged.pid"
+      fi
+      return
+    fi
+    sleep 0.1
+  done
   die "munged did not start"
 }
 
@@ -147,6 +158,16 @@ stop_all() {
   rm -rf "$STATE/ctld" "$STATE/spool"
 }
 
+stop_munge() {  # the munged `start` started, if it is still that process; never another one
+  local pid
+  pid=$(cat "$STATE/munged.pid" 2>/dev/null || true)
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = munged ]; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 50); do [ -d "/proc/$pid" ] || break; sleep 0.1; done
+  fi
+  rm -f "$STATE/munged.pid"
+}
+
 wait_idle() {
   local want=$1
   for _ in $(seq 120); do
@@ -200,7 +221,7 @@ check() {
 
 case "$cmd" in
   start) start ;;
-  stop) need_root; stop_all; echo "slurm cluster stopped" ;;
+  stop) need_root; stop_all; stop_munge; echo "slurm cluster stopped" ;;
   check) check ;;
   *) echo "usage: $0 start [--nodes 1|2] | check | stop" >&2; exit 2 ;;
 esac

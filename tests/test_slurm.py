@@ -4,12 +4,16 @@ with status/logs/history/cancel. No mocked sbatch."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +24,11 @@ from mnist_dist.track import wandb_file
 from conftest import ROOT, SECRETS, SHORT_PHASES, load_json, ok, run_cli
 
 GOLDEN = ROOT / "tests/assets/submit_dry_run.sbatch"
+
+
+def queued() -> set[str]:
+    """The ids of the jobs in the queue."""
+    return set(subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split())
 
 
 def submit(env: dict[str, str], out: Path, *args: str) -> str:
@@ -170,39 +179,159 @@ def _normalize(text: str, run_dir: Path) -> str:
     return text.replace(str(run_dir), "RUN_DIR").replace(sys.executable, "PYTHON")
 
 
+DRY_RUN = [
+    "submit",
+    "--partition",
+    "gpu",
+    "--nodes",
+    "2",
+    "--tasks-per-node",
+    "1",
+    "--time",
+    "00:30:00",
+    "--mem",
+    "4G",
+    "--job-name",
+    "golden",
+    "--allow-local",
+    "--dry-run",
+]
+
+
 def test_dry_run_prints_the_golden_sbatch_script_and_submits_nothing(
     cluster: int, slurm_env: dict[str, str], tmp_path: Path
 ):
     run_dir = tmp_path / "dry"
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
-    proc = ok(
-        run_cli(
-            "submit",
-            "--partition",
-            "gpu",
-            "--nodes",
-            "2",
-            "--tasks-per-node",
-            "1",
-            "--time",
-            "00:30:00",
-            "--mem",
-            "4G",
-            "--job-name",
-            "golden",
-            "--output-dir",
-            run_dir,
-            "--allow-local",
-            "--dry-run",
-            env=slurm_env,
-        )
-    )
+    before = queued()
+    proc = run_cli(*DRY_RUN, "--output-dir", run_dir, env=slurm_env)
+    if cluster >= 2:  # a real submit would pass: exit 0, no warning
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    else:
+        assert proc.returncode == 2 and "--nodes 2: partition 'gpu' has 1 node(s)" in proc.stderr
     got = _normalize(proc.stdout, run_dir)
     if os.environ.get("MNIST_DIST_REGOLD"):
         GOLDEN.write_text(got)
     assert got == GOLDEN.read_text()
     assert not run_dir.exists()
-    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert queued() <= before, "nothing submitted (jobs of earlier tests may have left the queue)"
+
+
+@pytest.fixture
+def silent_controller(tmp_path: Path):
+    """The environment of a login node whose controller does not answer: a slurm.conf (the cluster's,
+    with another controller) naming a host that takes connections and never replies, as a hung or
+    overloaded slurmctld does; Slurm's clients then wait for their MessageTimeout (20 s) and retry."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    taken: list[socket.socket] = []
+
+    def take() -> None:
+        with contextlib.suppress(OSError):  # closed at the end
+            while True:
+                taken.append(server.accept()[0])
+
+    threading.Thread(target=take, daemon=True).start()
+    conf = Path("/etc/slurm/slurm.conf").read_text()
+    conf = re.sub(r"^SlurmctldHost=.*$", "SlurmctldHost=silent(127.0.0.1)", conf, flags=re.MULTILINE)
+    conf = re.sub(r"^SlurmctldPort=.*$", f"SlurmctldPort={server.getsockname()[1]}", conf, flags=re.MULTILINE)
+    (tmp_path / "slurm.conf").write_text(conf)
+    yield {"SLURM_CONF": str(tmp_path / "slurm.conf"), "MNIST_DIST_SLURM_TIMEOUT": "3"}
+    server.close()
+    for conn in taken:
+        conn.close()
+
+
+def test_an_unreachable_controller_is_one_line_in_seconds_and_a_dry_run_still_prints_the_script(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path, silent_controller: dict[str, str]
+):
+    env = {**slurm_env, **silent_controller}
+    sweep = tmp_path / "sweep"  # a submitted sweep's dir, as `sweep submit` leaves it
+    sweep.mkdir()
+    manifest = {"name": "s", "metric": {"name": "val_acc", "goal": "maximize"}, "swept": [], "members": []}
+    (sweep / "sweep.json").write_text(json.dumps({**manifest, "jobs": [{"job_id": "4242", "tasks": []}]}))
+    said = "error: Slurm controller silent(127.0.0.1) not reachable ("
+    for args in (
+        ["submit", "--output-dir", tmp_path / "run", "--allow-local", "--tracker", "none"],
+        ["status", "4242"],
+        ["sweep", "status", sweep],
+    ):
+        start = time.monotonic()
+        proc = run_cli(*args, env=env)
+        took = time.monotonic() - start
+        assert proc.returncode == 2 and proc.stderr.startswith(said), (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "timed out after 3 s" in proc.stderr, proc.stderr
+        assert took < 15, f"{args[0]} took {took:.0f} s"
+    assert not (tmp_path / "run").exists()
+    proc = run_cli(*DRY_RUN, "--output-dir", tmp_path / "dry", env=env)  # the script, and why not
+    assert proc.returncode == 2 and proc.stderr.startswith(f"warning: {said.removeprefix('error: ')}")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert _normalize(proc.stdout, tmp_path / "dry") == GOLDEN.read_text()
+
+
+def test_gpus_per_node_and_the_slurm_timeout_are_read_as_slurm_and_users_write_them(monkeypatch):
+    from mnist_dist.errors import UserError
+    from mnist_dist.slurm import commands
+
+    lines = "gpu*|gpu:4\ngpu|gpu:a100:8(S:0-1),tmpdisk:100\ncpu|(null)\nmixed|gpu:2,gpu:v100:1\n"
+    assert commands.gpus_per_node(lines) == {"gpu": 8, "mixed": 2}
+    assert commands.timeout_s() == commands.TIMEOUT_S
+    monkeypatch.setenv("MNIST_DIST_SLURM_TIMEOUT", "2.5")
+    assert commands.timeout_s() == 2.5
+    monkeypatch.setenv("MNIST_DIST_SLURM_TIMEOUT", "soon")
+    with pytest.raises(UserError, match="MNIST_DIST_SLURM_TIMEOUT 'soon': seconds"):
+        commands.timeout_s()
+
+
+def test_more_nodes_than_the_partition_has_is_refused_and_a_job_that_can_never_start_says_so(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path
+):
+    before = queued()
+    proc = run_cli("submit", "--nodes", "4", "--output-dir", tmp_path / "run", "--allow-local", env=slurm_env)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"--nodes 4: partition 'gpu' has {cluster} node(s), so the job could never start" in proc.stderr
+    assert queued() <= before, "nothing submitted (jobs of earlier tests may have left the queue)"
+    # Submitted some other way (sbatch here), such a job pends for a reason no wait clears.
+    job = subprocess.run(
+        ["sbatch", "--parsable", "-p", "gpu", "-N", "4", "-o", "/dev/null", "--wrap", "true"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        deadline = time.monotonic() + 30
+        while "it can never start" not in (line := run_cli("status", job, env=slurm_env).stdout):
+            assert time.monotonic() < deadline, line
+            time.sleep(1)
+        assert f"job {job}: PENDING (" in line and "submit it again asking for less" in line, line
+    finally:
+        subprocess.run(["scancel", job], check=False)
+
+
+def test_an_interpreter_on_node_local_storage_is_refused_like_an_output_dir(
+    cluster: int, slurm_env: dict[str, str], tmp_path: Path
+):
+    """A venv under /tmp (its python, pyvenv.cfg and lib beside it): the nodes would not find it."""
+    venv = Path(sys.executable).parent.parent
+    local = Path(tempfile.mkdtemp(prefix="venv-", dir="/tmp"))
+    try:
+        (local / "bin").mkdir()
+        (local / "bin" / "python").symlink_to(Path(sys.executable).resolve())
+        (local / "lib").symlink_to(venv / "lib")
+        shutil.copy(venv / "pyvenv.cfg", local / "pyvenv.cfg")
+        command = [str(local / "bin" / "python"), "-m", "mnist_dist.cli", "submit", "--dry-run"]
+        proc = subprocess.run(
+            [*command, "--output-dir", str(tmp_path / "run")],
+            capture_output=True,
+            text=True,
+            env=slurm_env,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert f"warning: the Python that runs the job, {local}/bin/python is under /tmp" in proc.stderr
+        assert "#SBATCH" in proc.stdout
+    finally:
+        shutil.rmtree(local)
 
 
 def test_pending_job_is_not_finished_and_cancel_works(
@@ -261,10 +390,10 @@ def test_a_job_that_raises_shows_the_python_error(cluster: int, slurm_env: dict[
 def test_preflight_errors_exit_2_and_submit_nothing(
     cluster: int, slurm_env: dict[str, str], tmp_path: Path, args: list[str], message: str
 ):
-    before = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    before = queued()
     proc = run_cli("submit", "--output-dir", tmp_path / "run", "--allow-local", *args, env=slurm_env)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
-    assert subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout == before
+    assert queued() <= before, "nothing submitted (jobs of earlier tests may have left the queue)"
     assert not (tmp_path / "run").exists()
 
 
@@ -398,3 +527,31 @@ def test_submit_tightens_its_dirs_and_refuses_another_users(cluster: int, tmp_pa
     proc = run_cli(*args, "--output-dir", theirs, env=slurm_env)
     assert proc.returncode == 2 and "owned by uid 65534" in proc.stderr
     assert list(theirs.iterdir()) == []
+
+
+def test_cluster_stop_stops_what_start_started_munged_included(cluster: int):
+    """Last of this module: it stops the local cluster and starts it again (the same nodes), once
+    every job of this module has ended. A munged that `start` started (its pid recorded) is stopped
+    with the rest; one that was running before is left."""
+    if os.geteuid() != 0:
+        pytest.skip("slurm/cluster.sh stop/start need root")
+    deadline = time.monotonic() + 300
+    while subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip():
+        assert time.monotonic() < deadline, "jobs still in the queue"
+        time.sleep(2)
+    pid_file = Path("/var/lib/mnist-dist-slurm/munged.pid")
+    ours = pid_file.read_text().strip() if pid_file.is_file() else None
+    script = ["bash", str(ROOT / "slurm/cluster.sh")]
+    try:
+        ok(subprocess.run([*script, "stop"], capture_output=True, text=True))
+        for daemon in ("slurmctld", "slurmd"):
+            assert subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode == 1, daemon
+        left = subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
+        assert not pid_file.exists() and (ours is None or ours not in left), (ours, left)
+    finally:
+        ok(subprocess.run([*script, "start", "--nodes", str(cluster)], capture_output=True, text=True))
+    if not left:  # start started munged: it is recorded as ours, so the next stop stops it
+        assert (
+            pid_file.read_text().strip()
+            in subprocess.run(["pgrep", "-x", "munged"], capture_output=True, text=True).stdout.split()
+        )

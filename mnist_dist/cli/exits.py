@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import Any
 
 from mnist_dist.errors import ExitCode
 
@@ -33,3 +34,12 @@ def stopped(e: Exception) -> int:
         return ExitCode.STOPPED
     launched = "" if single_process() else " (the launcher reports it as exit 1, ChildFailedError)"
     return fail(f"{e}: checkpoint saved; run the same command again to resume{launched}", ExitCode.STOPPED)
+
+
+def dry_run_ends(result: Any) -> int:
+    """A dry run's output (a slurm.submit.DryRun): each preflight finding as a warning line on stderr,
+    the script on stdout; exit 0 when a real submit would pass, 2 when it would be refused."""
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(result.script.rstrip("\n"))
+    return int(ExitCode.USAGE if result.warnings else ExitCode.OK)

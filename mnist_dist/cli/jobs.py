@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mnist_dist.cli.exits import dry_run_ends
 from mnist_dist.cli.options import (
     Opt,
     config_from_options,
@@ -37,15 +38,14 @@ def submit(
     sopts = slurm_options_from(opts, "mnist-dist", nodes=nodes, tasks_per_node=tasks_per_node)
     cfg = config_from_options(opts)
     result = slurm.submit(cfg, sopts, dry_run=dry_run, log=(lambda *_: None) if as_json else print)
-    if isinstance(result, str):
-        print(result, end="" if result.endswith("\n") else "\n")
+    if isinstance(result, slurm.DryRun):
         world, run_dir = sopts.world_size, cfg.run_dir().absolute()
-        print(
-            f"# each of the {world} task(s) runs mnist_dist.slurm.submit.TrainJob: rank = SLURM_PROCID, "
+        result.script = result.script.rstrip("\n") + (
+            f"\n# each of the {world} task(s) runs mnist_dist.slurm.submit.TrainJob: rank = SLURM_PROCID, "
             f"world size {world}, {sopts.cpus} CPU thread(s), then mnist_dist.train.run.run(config) "
             f"into {run_dir}"
         )
-        return
+        raise typer.Exit(dry_run_ends(result))
     if as_json:
         print(slurm.submission_json(result))
         return
@@ -75,6 +75,8 @@ def status(
         line += f" on {info['nodes']}"
     if "epochs_done" in info:
         line += f"; {info['epochs_done']} epoch(s) done"
+    if info.get("never"):
+        line += f": {info['never']}"
     print(line)
     if info.get("error"):
         print(f"error: {info['error']}")

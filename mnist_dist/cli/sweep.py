@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from mnist_dist.cli.exits import dry_run_ends
 from mnist_dist.cli.options import Opt, option_overrides, slurm_options, slurm_options_from, training_options
 from mnist_dist.errors import ExitCode, UserError
 
@@ -226,7 +227,7 @@ def submit(
     packing = sweep_slurm.Packing(pack, max_pack, members_per_task)
     out = sweep_slurm.submit(parsed, root, found, sopts, packing, array_parallelism, dry_run, log)
     if dry_run:
-        print(out)
+        raise typer.Exit(dry_run_ends(out))
     elif as_json:
         print(json.dumps({"job_id": out["job_id"], "sweep_dir": str(root.absolute())}))
     else:

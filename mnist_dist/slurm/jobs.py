@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist.errors import UserError
+from mnist_dist.slurm import commands
 from mnist_dist.store.outputs import read_entries
 
 FINISHED = {
@@ -31,6 +32,15 @@ FINISHED = {
     "DEADLINE",
 }
 JOB_ID = re.compile(r"^\d+$")
+
+
+# Why a job pends that no wait can clear (squeue's reason): it asks for more than its partition has.
+NEVER_STARTS = {
+    "PartitionConfig": "it asks for more than its partition has (nodes, CPUs, memory or GPUs)",
+    "PartitionNodeLimit": "it asks for more nodes than its partition allows a job",
+    "PartitionTimeLimit": "its --time is over its partition's time limit",
+    "BadConstraints": "no node of its partition has what it asks for",
+}
 
 
 def state_dir() -> Path:
@@ -79,18 +89,13 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _ask(cmd: list[str]) -> subprocess.CompletedProcess[str] | None:
-    """A Slurm command's answer, or None when it cannot be run or does not answer in time."""
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
+def _ask(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    """A Slurm command's answer; commands.Unreachable (one line) when the controller does not answer."""
+    return commands.run(cmd)
 
 
 def _squeue(job_id: str) -> dict[str, str] | None:
     proc = _ask(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N|%M"])
-    if proc is None:
-        return None
     line = proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
     if not line:
         return None
@@ -100,7 +105,7 @@ def _squeue(job_id: str) -> dict[str, str] | None:
 
 def _scontrol(job_id: str) -> dict[str, str] | None:
     proc = _ask(["scontrol", "-o", "show", "job", job_id])
-    if proc is None or proc.returncode != 0 or "JobState=" not in proc.stdout:
+    if proc.returncode != 0 or "JobState=" not in proc.stdout:
         return None
     fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
     return {
@@ -123,7 +128,7 @@ def array_task_states(array_id: str) -> dict[int, str]:
         ["squeue", "-h", "-r", "-j", array_id, "-o", "ArrayTaskId=%K JobState=%T"],
     ):
         proc = _ask(cmd)
-        for line in proc.stdout.splitlines() if proc is not None else []:
+        for line in proc.stdout.splitlines():
             m = re.search(r"ArrayTaskId=(\d+)\b.*?JobState=(\w+)", line)
             plain = re.match(rf"JobId={re.escape(array_id)}\s.*?JobState=(\w+)", line)
             if m:
@@ -135,14 +140,16 @@ def array_task_states(array_id: str) -> dict[int, str]:
 
 def scancel(job_id: str) -> None:
     proc = _ask(["scancel", job_id])
-    if proc is None or proc.returncode != 0:
-        why = "no answer" if proc is None else proc.stderr.strip() or proc.stdout.strip()
-        raise UserError(f"scancel {job_id} failed: {why}")
+    if proc.returncode != 0:
+        raise UserError(f"scancel {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")
 
 
 def slurm_state(job_id: str) -> str | None:
     """What Slurm says of the job right now (COMPLETING after an scancel), or None if it cannot say."""
-    found = _scontrol(job_id)
+    try:
+        found = _scontrol(job_id)
+    except commands.Unreachable:
+        return None
     return found["state"] if found else None
 
 
@@ -201,6 +208,11 @@ def status(job: str) -> dict[str, Any]:
         cancelled = re.search(r"\*\*\* JOB \d+ ON \S+ CANCELLED", err)
         info.update(state="CANCELLED" if cancelled else "UNKNOWN", source="submitit logs")
     info["finished"] = info["state"] in FINISHED
+    if info["state"] == "PENDING" and info.get("reason") in NEVER_STARTS:
+        info["never"] = (
+            f"it can never start: {NEVER_STARTS[info['reason']]}; cancel it (mnist-dist cancel {job_id}) "
+            "and submit it again asking for less"
+        )
     if result is not None and result[0] == "error":
         info["error"] = _last_error(str(result[1])) or str(result[1]).strip().splitlines()[-1]
     elif info["state"] == "FAILED":

@@ -24,6 +24,7 @@ from submitit.helpers import Checkpointable
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
+from mnist_dist.slurm import commands
 
 # Storage that is local to each node: a run dir there is invisible to the other nodes and to you.
 NODE_LOCAL = ("/tmp", "/dev/shm", "/var/tmp", "/run", "/scratch/local")
@@ -109,53 +110,109 @@ def check_values(opts: SlurmOptions) -> None:
         raise UserError(f"--time '{opts.time}' must be from 1 minute to 365 days; write e.g. 60 or 01:30:00")
 
 
-def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-
-
-def preflight(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path) -> None:
-    """Everything that can be known wrong before a job exists; each failure is one UserError."""
+def preflight(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path, dry_run: bool = False) -> list[str]:
+    """Everything that can be known wrong before a job exists. A real submit: the first finding is
+    raised (one UserError). A dry run: every finding is returned (printed as warnings), so the script
+    is shown even without a cluster. Values that are wrong anywhere (check_values) raise either way."""
     check_values(opts)
+    found = []
+    for problem in (*_cluster_findings(opts), *_place_findings(opts, cfg, run_dir)):
+        if not dry_run:
+            raise problem
+        found.append(str(problem))
+    return found
+
+
+def _cluster_findings(opts: SlurmOptions) -> list[UserError]:
+    """What Slurm says of this job: sbatch here, the controller answering, the partition existing and
+    holding the nodes (and GPUs) asked for."""
     if shutil.which("sbatch") is None:
-        raise UserError(
-            "sbatch not found: run this on a Slurm login node (or start one: slurm/cluster.sh start)"
-        )
-    if opts.partition is not None:
-        proc = _run(["sinfo", "-h", "-p", opts.partition, "-o", "%P"])
-        if proc.returncode != 0 or not proc.stdout.strip():
-            known = _run(["sinfo", "-h", "-o", "%P"]).stdout.split()
-            raise UserError(
-                f"partition '{opts.partition}' does not exist; partitions here: "
-                f"{', '.join(p.rstrip('*') for p in known) or 'none'}"
+        return [commands.Unreachable(f"sbatch not found: {commands.ON_A_LOGIN_NODE}")]
+    try:
+        parts = commands.partitions()
+    except commands.Unreachable as e:
+        return [e]
+    name = opts.partition or next((n for n, p in parts.items() if p.default), None)
+    if name not in parts:
+        known = ", ".join(parts) or "none"
+        what = f"partition '{opts.partition}' does not exist" if opts.partition else "no default partition"
+        return [UserError(f"{what}; partitions here: {known}")]
+    part, found = parts[name], []
+    most = min(part.total_nodes, part.max_nodes or part.total_nodes)
+    if opts.nodes > most:
+        has = f"has {part.total_nodes} node(s)"
+        if part.max_nodes and part.max_nodes < part.total_nodes:
+            has += f" and allows {part.max_nodes} to a job"
+        found.append(
+            UserError(
+                f"--nodes {opts.nodes}: partition '{name}' {has}, so the job could never start; "
+                f"use --nodes {most} or fewer"
             )
+        )
+    if opts.gpus_per_node and part.gpus_per_node is not None and opts.gpus_per_node > part.gpus_per_node:
+        found.append(
+            UserError(
+                f"--gpus-per-node {opts.gpus_per_node}: the nodes of partition '{name}' have "
+                f"{part.gpus_per_node} GPU(s) at most; use --gpus-per-node {part.gpus_per_node} or fewer"
+            )
+        )
+    return found
+
+
+def _place_findings(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path) -> list[UserError]:
+    """Where the job writes and what it runs: an output dir the nodes share and nobody else writes,
+    an interpreter they can find, a world size the batch divides."""
     from mnist_dist.store import ownership
     from mnist_dist.store.outputs import check_output_dir
 
-    check_output_dir(run_dir)
-    for path, what in ((run_dir, "output dir"), (run_dir / "submitit", "job dir")):
-        ownership.check_private(path, what)
-    held = ownership.holder(run_dir)
+    found: list[UserError] = []
+    try:
+        check_output_dir(run_dir)
+        for path, what in ((run_dir, "output dir"), (run_dir / "submitit", "job dir")):
+            ownership.check_private(path, what)
+    except UserError as e:
+        found.append(e)
+    held = None if found else ownership.holder(run_dir)  # a dir it cannot use has no writer to ask
     if held:
-        raise UserError(
-            f"{run_dir} is being written by another run: {ownership.describe(held)}; wait for it to end "
-            "or stop it, or pass another --output-dir"
+        found.append(
+            UserError(
+                f"{run_dir} is being written by another run: {ownership.describe(held)}; wait for it to "
+                "end or stop it, or pass another --output-dir"
+            )
         )
-    local = next((p for p in NODE_LOCAL if run_dir == Path(p) or Path(p) in run_dir.parents), None)
-    if local and not opts.allow_local:
-        raise UserError(
-            f"output dir {run_dir} is under {local}, which is local to each node; put it on "
-            "shared storage (or pass --allow-local on a one-machine cluster)"
+    for path, what, fix in (
+        (run_dir, "output dir", "put it on shared storage"),
+        (Path(sys.executable), "the Python that runs the job,", "install mnist-dist on shared storage"),
+    ):
+        local = node_local(path)
+        if local and not opts.allow_local:
+            found.append(
+                UserError(
+                    f"{what} {path} is under {local}, which is local to each node; {fix} "
+                    "(or pass --allow-local on a one-machine cluster)"
+                )
+            )
+    try:
+        cfg.check_processes(
+            opts.world_size,
+            f"{opts.nodes} node(s) x {opts.ntasks_per_node} task(s) = {opts.world_size} processes",
+            "change --batch-size, --nodes or --tasks-per-node",
         )
-    cfg.check_processes(
-        opts.world_size,
-        f"{opts.nodes} node(s) x {opts.ntasks_per_node} task(s) = {opts.world_size} processes",
-        "change --batch-size, --nodes or --tasks-per-node",
-    )
+    except UserError as e:
+        found.append(e)
     if opts.gpus_per_node and opts.ntasks_per_node > opts.gpus_per_node:
-        raise UserError(
-            f"--tasks-per-node {opts.ntasks_per_node} is more than --gpus-per-node "
-            f"{opts.gpus_per_node}; run one task per GPU"
+        found.append(
+            UserError(
+                f"--tasks-per-node {opts.ntasks_per_node} is more than --gpus-per-node "
+                f"{opts.gpus_per_node}; run one task per GPU"
+            )
         )
+    return found
+
+
+def node_local(path: Path) -> str | None:
+    """The node-local storage `path` is under (NODE_LOCAL), or None."""
+    return next((p for p in NODE_LOCAL if path == Path(p) or Path(p) in path.parents), None)
 
 
 def executor(opts: SlurmOptions, folder: Path) -> Any:
@@ -282,18 +339,29 @@ class Submission:
     name: str
 
 
-def submit(cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any = print) -> Submission | str:
-    """Preflight, stage the data, submit. dry_run: return the sbatch script, touch nothing."""
+@dataclass
+class DryRun:
+    """What a submit would send (the sbatch script and what each task runs) and what preflight found
+    that would refuse it (none: a real submit would pass)."""
+
+    script: str
+    warnings: list[str]
+
+
+def submit(
+    cfg: TrainConfig, opts: SlurmOptions, dry_run: bool = False, log: Any = print
+) -> Submission | DryRun:
+    """Preflight, stage the data, submit. dry_run: the script and preflight's findings, touching nothing."""
     from mnist_dist.store import datafiles
 
     run_dir = cfg.run_dir().expanduser().absolute()
-    preflight(opts, cfg, run_dir)
+    warnings = preflight(opts, cfg, run_dir, dry_run)
     folder = run_dir / "submitit"
     data_dir = cfg.data_dir().expanduser().absolute()
     job_cfg = job_config(cfg, run_dir, data_dir)
     ex = executor(opts, folder)
     if dry_run:
-        return sbatch_script(ex)
+        return DryRun(sbatch_script(ex), warnings)
     # On the submitting host, before the job exists: compute nodes may have no internet.
     datafiles.prepare(data_dir, cfg.data.source, log=log)
     private_dirs(run_dir)

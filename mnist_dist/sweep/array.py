@@ -122,7 +122,7 @@ def submit(
             "method bayes runs on this machine for now (`mnist-dist sweep run`); on SLURM use grid or random"
         )
     root = root.absolute()
-    slurm.preflight(opts, members[0].cfg, root)
+    warnings = slurm.preflight(opts, members[0].cfg, root, dry_run)
     todo = [m for m in members if to_train(member_state(m.run_dir), retry_failed=False)]
     groups = tasks(todo, packing)
     ex = slurm.executor(opts, root / "submitit")
@@ -131,7 +131,7 @@ def submit(
         how = "one pack each" if packing.pack == "auto" else "one member after another"
         lines = [f"# array of {len(groups)} task(s) (%{parallelism} at once), {how}:"]
         lines += [f"#   task {i}: " + " ".join(m.id for m in group) for i, group in enumerate(groups)]
-        return slurm.sbatch_script(ex).rstrip() + "\n" + "\n".join(lines)
+        return slurm.DryRun(slurm.sbatch_script(ex).rstrip() + "\n" + "\n".join(lines), warnings)
     if not groups:
         raise UserError(
             f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"
