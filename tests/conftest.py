@@ -14,6 +14,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Two tests at a time (pytest-xdist, `-n 2` in pyproject.toml): most of a test's time is the start of
+# the processes it runs (imports, one core each), so two at a time keep both cores busy. Their
+# training threads then share the cores: OpenMP threads that wait passively give the core back at
+# once instead of spinning for it. The number of threads, and so every number a run computes, is
+# unchanged. (`-n 0` runs one test at a time.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+SLURM_FILES = ("tests/test_bad_input.py",)  # asks the controller (rows refused before sbatch)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The tests that use the local Slurm cluster run on one worker, in order: they share its two
+    nodes, and the last of test_slurm.py stops and starts it."""
+    for item in items:
+        uses = set(getattr(item, "fixturenames", ())) & {"cluster", "slurm_env"}
+        quick_bench = item.nodeid.startswith("tests/test_bench.py::test_quick_benchmark")
+        if uses or quick_bench or item.nodeid.startswith(SLURM_FILES):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     """Which CPU and kernels ran the suite: the bitwise tests hold for a kernel path, so a failure
