@@ -63,7 +63,7 @@ start_munge() {
     if munge -n >/dev/null 2>&1; then
       if [ -n "$started" ]; then  # ours: `stop` stops it (a munged found running is left alone)
         mkdir -p "$STATE"
-        cp /run/munge/munged.pid "$STATE/munged.pid"
+        cp /run/munge/munged.pid "$STATE/munged.pid" 2>/dev/null || pgrep -x -o munged > "$STATE/munged.pid" || true
       fi
       return
     fi

@@ -270,6 +270,7 @@ ROWS = [
         {"s.yaml": SPEC + "  model: {parameters: {depth: {values: [1, 2]}}}\n"},
     ),
     Row("submit-more-nodes-than-the-partition", "submit --nodes 64", "--nodes 64: partition 'gpu' has"),
+    Row("submit-partition-list-unknown", "submit --partition cpu,nosuch", "partition 'nosuch' does not"),
     Row(
         "sweep-submit-bayes",
         "sweep submit {tmp}/s.yaml --partition cpu",

@@ -300,7 +300,7 @@ def test_more_nodes_than_the_partition_has_is_refused_and_a_job_that_can_never_s
     ).stdout.strip()
     try:
         deadline = time.monotonic() + 30
-        while "it can never start" not in (line := run_cli("status", job, env=slurm_env).stdout):
+        while "it may never start" not in (line := run_cli("status", job, env=slurm_env).stdout):
             assert time.monotonic() < deadline, line
             time.sleep(1)
         assert f"job {job}: PENDING (" in line and "submit it again asking for less" in line, line

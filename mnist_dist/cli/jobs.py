@@ -94,11 +94,20 @@ def logs(
 
     if task < 0:
         raise UserError(f"--task {task}: tasks are numbered from 0 (the rank); e.g. --task 0")
+    from mnist_dist.slurm.commands import Unreachable
+
     files = jobs.log_files(job, task)
-    shown = [0, 0]
+    shown, missed = [0, 0], 0
     while True:
         # Read after deciding: the lines written before the job ended are still printed.
-        done = not follow or jobs.status(job)["finished"]
+        try:
+            done = not follow or jobs.status(job)["finished"]
+            missed = 0
+        except Unreachable:  # a controller slow to answer once does not end a long follow
+            missed += 1
+            if missed >= 3:
+                raise
+            done = False
         for i, path in enumerate(files):
             if path.exists():
                 with path.open("rb") as f:

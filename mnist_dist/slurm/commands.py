@@ -100,10 +100,10 @@ class Partition:
 
 def partitions() -> dict[str, Partition]:
     """The partitions the controller knows, with their node counts and GPUs (Unreachable without it)."""
-    proc = run(["scontrol", "-o", "show", "partition"])
+    proc = run(["scontrol", "-a", "-o", "show", "partition"])  # -a: hidden ones too
     if proc.returncode != 0:
         raise Unreachable(f"scontrol show partition failed: {(proc.stderr or proc.stdout).strip()[:200]}")
-    gpus = gpus_per_node(run(["sinfo", "-h", "-o", "%P|%G"]).stdout)
+    gpus = gpus_per_node(run(["sinfo", "-a", "-h", "-o", "%P|%G"]).stdout)
     out = {}
     for line in proc.stdout.splitlines():
         fields = dict(re.findall(r"(\w+)=(\S*)", line))

@@ -210,8 +210,8 @@ def status(job: str) -> dict[str, Any]:
     info["finished"] = info["state"] in FINISHED
     if info["state"] == "PENDING" and info.get("reason") in NEVER_STARTS:
         info["never"] = (
-            f"it can never start: {NEVER_STARTS[info['reason']]}; cancel it (mnist-dist cancel {job_id}) "
-            "and submit it again asking for less"
+            f"it may never start: {NEVER_STARTS[info['reason']]} (or the nodes it needs are down); "
+            f"if so, cancel it (mnist-dist cancel {job_id}) and submit it again asking for less"
         )
     if result is not None and result[0] == "error":
         info["error"] = _last_error(str(result[1])) or str(result[1]).strip().splitlines()[-1]

@@ -116,14 +116,15 @@ def preflight(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path, dry_run: bool
     is shown even without a cluster. Values that are wrong anywhere (check_values) raise either way."""
     check_values(opts)
     found = []
-    for problem in (*_cluster_findings(opts), *_place_findings(opts, cfg, run_dir)):
-        if not dry_run:
-            raise problem
-        found.append(str(problem))
+    for findings in (_cluster_findings, _place_findings):  # a real submit stops at the first
+        for problem in findings(opts, cfg, run_dir):
+            if not dry_run:
+                raise problem
+            found.append(str(problem))
     return found
 
 
-def _cluster_findings(opts: SlurmOptions) -> list[UserError]:
+def _cluster_findings(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path) -> list[UserError]:
     """What Slurm says of this job: sbatch here, the controller answering, the partition existing and
     holding the nodes (and GPUs) asked for."""
     if shutil.which("sbatch") is None:
@@ -132,11 +133,15 @@ def _cluster_findings(opts: SlurmOptions) -> list[UserError]:
         parts = commands.partitions()
     except commands.Unreachable as e:
         return [e]
-    name = opts.partition or next((n for n, p in parts.items() if p.default), None)
-    if name not in parts:
+    asked = opts.partition or os.environ.get("SBATCH_PARTITION")  # what sbatch will use
+    names = asked.split(",") if asked else [n for n, p in parts.items() if p.default][:1]
+    unknown = [n for n in names if n not in parts] or ([] if names else ["(default)"])
+    if unknown:
         known = ", ".join(parts) or "none"
-        what = f"partition '{opts.partition}' does not exist" if opts.partition else "no default partition"
+        what = f"partition '{unknown[0]}' does not exist" if names else "no default partition"
         return [UserError(f"{what}; partitions here: {known}")]
+    # Of a list of partitions, Slurm starts the job in the first that can hold it: the roomiest counts.
+    name = max(names, key=lambda n: min(parts[n].total_nodes, parts[n].max_nodes or parts[n].total_nodes))
     part, found = parts[name], []
     most = min(part.total_nodes, part.max_nodes or part.total_nodes)
     if opts.nodes > most:
@@ -170,9 +175,10 @@ def _place_findings(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path) -> list
         check_output_dir(run_dir)
         for path, what in ((run_dir, "output dir"), (run_dir / "submitit", "job dir")):
             ownership.check_private(path, what)
+        held = ownership.holder(run_dir)
     except UserError as e:
         found.append(e)
-    held = None if found else ownership.holder(run_dir)  # a dir it cannot use has no writer to ask
+        held = None  # a dir it cannot use has no writer to ask
     if held:
         found.append(
             UserError(

@@ -127,19 +127,21 @@ def submit(
     groups = tasks(todo, packing)
     ex = slurm.executor(opts, root / "submitit")
     ex.update_parameters(array_parallelism=parallelism)
+    metric = {"name": spec.metric, "goal": spec.goal, "target": spec.target}
+    finished = reached(root, {"metric": metric, "members": [{"id": m.id} for m in members]})
+    nothing = None  # why a real submit would send nothing
+    if not groups:
+        nothing = f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"
+    elif finished is not None:
+        nothing = f"sweep {spec.name}: {finished}; nothing to submit"
     if dry_run:
         how = "one pack each" if packing.pack == "auto" else "one member after another"
         lines = [f"# array of {len(groups)} task(s) (%{parallelism} at once), {how}:"]
         lines += [f"#   task {i}: " + " ".join(m.id for m in group) for i, group in enumerate(groups)]
-        return slurm.DryRun(slurm.sbatch_script(ex).rstrip() + "\n" + "\n".join(lines), warnings)
-    if not groups:
-        raise UserError(
-            f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"
-        )
-    metric = {"name": spec.metric, "goal": spec.goal, "target": spec.target}
-    finished = reached(root, {"metric": metric, "members": [{"id": m.id} for m in members]})
-    if finished is not None:
-        raise UserError(f"sweep {spec.name}: {finished}; nothing to submit")
+        script = slurm.sbatch_script(ex).rstrip() + "\n" + "\n".join(lines)
+        return slurm.DryRun(script, warnings + ([nothing] if nothing else []))
+    if nothing:
+        raise UserError(nothing)
     for data_dir in sorted({m.cfg.data_dir().expanduser().absolute() for m in members}):
         datafiles.prepare(data_dir, members[0].cfg.data.source, log=log)  # compute nodes never download
     write_manifest(root, spec, members)

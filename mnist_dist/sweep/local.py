@@ -271,7 +271,7 @@ def _in_processes(
     free, ran = list(range(workers)), set()
     relayed, stopped, failure = False, 0, None
     try:
-        while (queue and not gate.closed) or running:
+        while (queue and not gate.closed and failure is None) or running:
             asked = stop is not None and stop.requested
             while queue and len(running) < workers and not asked and failure is None and gate.open():
                 group = queue.popleft()

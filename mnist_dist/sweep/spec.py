@@ -107,7 +107,7 @@ def read_spec(path: Path) -> Spec:
     spec.metric, spec.goal, spec.target = _metric(path, raw.get("metric"))
     if isinstance(raw.get("metric"), dict):
         spec.impute = raw["metric"].get("impute")
-        if "goal" not in raw["metric"]:
+        if "goal" not in raw["metric"] and spec.goal != "minimize":  # W&B's default differs
             spec.notes.append(
                 f"metric goal not given: {spec.goal} {spec.metric} here (W&B's default is minimize)"
             )

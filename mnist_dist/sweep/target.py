@@ -12,6 +12,7 @@ sweep, the tasks of its array and `sweep status` see the same.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,12 @@ def curve(run_dir: Path, metric: str, done_only: bool = True) -> list[float]:
         entries = read_entries(run_dir) or []
     except UserError:  # a damaged metrics.jsonl: no value to judge by
         return []
-    return [float(e[metric]) for e in entries if e.get("phase") is not None and e.get(metric) is not None]
+    values = []
+    for entry in entries:
+        if entry.get("phase") is not None:
+            with contextlib.suppress(TypeError, ValueError):  # a damaged value: no value
+                values.append(float(entry[metric]))
+    return values
 
 
 @dataclass(frozen=True)
