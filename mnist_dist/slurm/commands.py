@@ -97,6 +97,11 @@ class Partition:
     default: bool
     gpus_per_node: int | None  # the most any of its nodes has (sinfo's GRES); None: not reported
 
+    @property
+    def most_nodes(self) -> int:
+        """The most nodes a job may have here."""
+        return min(self.total_nodes, self.max_nodes or self.total_nodes)
+
 
 def partitions() -> dict[str, Partition]:
     """The partitions the controller knows, with their node counts and GPUs (Unreachable without it)."""

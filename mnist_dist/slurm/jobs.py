@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import re
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -89,13 +88,8 @@ def _read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-def _ask(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    """A Slurm command's answer; commands.Unreachable (one line) when the controller does not answer."""
-    return commands.run(cmd)
-
-
 def _squeue(job_id: str) -> dict[str, str] | None:
-    proc = _ask(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N|%M"])
+    proc = commands.run(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%N|%M"])
     line = proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else ""
     if not line:
         return None
@@ -104,7 +98,7 @@ def _squeue(job_id: str) -> dict[str, str] | None:
 
 
 def _scontrol(job_id: str) -> dict[str, str] | None:
-    proc = _ask(["scontrol", "-o", "show", "job", job_id])
+    proc = commands.run(["scontrol", "-o", "show", "job", job_id])
     if proc.returncode != 0 or "JobState=" not in proc.stdout:
         return None
     fields = dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
@@ -127,7 +121,7 @@ def array_task_states(array_id: str) -> dict[int, str]:
         ["scontrol", "-o", "show", "job", array_id],
         ["squeue", "-h", "-r", "-j", array_id, "-o", "ArrayTaskId=%K JobState=%T"],
     ):
-        proc = _ask(cmd)
+        proc = commands.run(cmd)
         for line in proc.stdout.splitlines():
             m = re.search(r"ArrayTaskId=(\d+)\b.*?JobState=(\w+)", line)
             plain = re.match(rf"JobId={re.escape(array_id)}\s.*?JobState=(\w+)", line)
@@ -139,7 +133,7 @@ def array_task_states(array_id: str) -> dict[int, str]:
 
 
 def scancel(job_id: str) -> None:
-    proc = _ask(["scancel", job_id])
+    proc = commands.run(["scancel", job_id])
     if proc.returncode != 0:
         raise UserError(f"scancel {job_id} failed: {proc.stderr.strip() or proc.stdout.strip()}")
 

@@ -141,9 +141,9 @@ def _cluster_findings(opts: SlurmOptions, cfg: TrainConfig, run_dir: Path) -> li
         what = f"partition '{unknown[0]}' does not exist" if names else "no default partition"
         return [UserError(f"{what}; partitions here: {known}")]
     # Of a list of partitions, Slurm starts the job in the first that can hold it: the roomiest counts.
-    name = max(names, key=lambda n: min(parts[n].total_nodes, parts[n].max_nodes or parts[n].total_nodes))
+    name = max(names, key=lambda n: parts[n].most_nodes)
     part, found = parts[name], []
-    most = min(part.total_nodes, part.max_nodes or part.total_nodes)
+    most = part.most_nodes
     if opts.nodes > most:
         has = f"has {part.total_nodes} node(s)"
         if part.max_nodes and part.max_nodes < part.total_nodes:

@@ -127,8 +127,7 @@ def submit(
     groups = tasks(todo, packing)
     ex = slurm.executor(opts, root / "submitit")
     ex.update_parameters(array_parallelism=parallelism)
-    metric = {"name": spec.metric, "goal": spec.goal, "target": spec.target}
-    finished = reached(root, {"metric": metric, "members": [{"id": m.id} for m in members]})
+    finished = reached(root, {"metric": spec.recorded_metric, "members": [{"id": m.id} for m in members]})
     nothing = None  # why a real submit would send nothing
     if not groups:
         nothing = f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"

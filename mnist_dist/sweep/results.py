@@ -18,7 +18,7 @@ from typing import Any
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.spec import read_manifest
 from mnist_dist.sweep.state import member_state
-from mnist_dist.sweep.target import SIGNS, reached
+from mnist_dist.sweep.target import SIGNS, Reached, reached
 
 
 def _history(run_dir: Path) -> list[dict[str, Any]]:
@@ -117,8 +117,11 @@ def describe(info: dict[str, Any], metric: dict[str, Any]) -> str:
         )
     if "target_reached" in info:
         hit = info["target_reached"]
-        by = f"reached by member {hit['member']} ({hit['value']:.4f})" if hit else "not reached"
-        parts.append(f"target {metric['name']} {SIGNS[metric['goal']]} {metric['target']:g} {by}")
+        name, goal, target = metric["name"], metric["goal"], metric["target"]
+        if hit:
+            parts.append(Reached(hit["member"], hit["value"], name, goal, float(target)).says())
+        else:
+            parts.append(f"target {name} {SIGNS[goal]} {target:g} not reached")
     return "; ".join(parts)
 
 

@@ -52,6 +52,11 @@ class Spec:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def recorded_metric(self) -> dict[str, Any]:
+        """The metric as sweep.json records it (what status, results and target.reached read)."""
+        return {"name": self.metric, "goal": self.goal, "target": self.target}
+
+    @property
     def engine_metric(self) -> dict[str, Any]:
         """The metric as the engine's config writes it."""
         metric = {"name": self.metric, "goal": self.goal}
@@ -260,7 +265,7 @@ def write_manifest(root: Path, spec: Spec, found: list[Member], **extra: Any) ->
     manifest = {
         "name": spec.name,
         "method": spec.method,
-        "metric": {"name": spec.metric, "goal": spec.goal, "target": spec.target},
+        "metric": spec.recorded_metric,
         "swept": spec.swept,
         "spec": str(spec.path),
         "members": [{"id": m.id, "params": m.params} for m in found],

@@ -53,11 +53,14 @@ class Reached:
     goal: str
     target: float
 
-    def __str__(self) -> str:
+    def says(self) -> str:
         return (
             f"target {self.metric} {SIGNS[self.goal]} {self.target:g} reached by member {self.member} "
-            f"({self.value:.4f}): no new members start"
+            f"({self.value:.4f})"
         )
+
+    def __str__(self) -> str:
+        return f"{self.says()}: no new members start"
 
 
 def achieves(value: float, goal: str, target: float) -> bool:
