@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -369,7 +370,7 @@ def test_a_wandb_style_file_is_read_by_wandbs_engine(tmp_path: Path):
         "model.hidden_size": "constant",
     }
     assert spec.swept == ["phases.0.lr", "phases.1.lr", "batch_size", "seed"]
-    assert any("early_terminate" in note for note in spec.notes)
+    assert spec.early_terminate == {"type": "hyperband", "min_iter": 1, "eta": 3}
     found = sweeps.members(spec, tmp_path / "a", {}, None)
     again = sweeps.members(sweeps.read_spec(spec.path), tmp_path / "elsewhere", {}, None)
     assert [m.params for m in found] == [m.params for m in again] and len(found) == 4, "the same draws"
@@ -411,8 +412,10 @@ def test_a_wandb_style_sweep_runs(tmp_path: Path, data_env: dict):
     spec = ROOT / "configs" / "sweeps" / "wandb-style.yaml"
     args = ["--phases", "1x0.5,1x0.1", "--tracker", "none", "--output-dir", tmp_path / "s"]
     proc = ok(run_cli("sweep", "run", spec, *args, env=data_env))
-    assert "4 trained, 0 skipped, 0 failed" in proc.stdout
-    assert "note: 'early_terminate' is valid; early termination is not built yet" in proc.stdout
+    counts = dict(re.findall(r"(\d+) (trained|terminated|failed)", proc.stdout.strip().splitlines()[-1]))
+    counts = {what: int(n) for n, what in counts.items()}
+    assert counts["trained"] + counts["terminated"] == 4 and counts["failed"] == 0, counts
+    assert counts["terminated"] >= 1, "its hyperband block stops members at band 1"
     rows = load_json(tmp_path / "s" / "results.json")["members"]
     assert [r["final_val_loss"] for r in rows] == sorted(r["final_val_loss"] for r in rows), "goal: minimize"
 

@@ -31,8 +31,13 @@ Target = Annotated[str, typer.Argument(help="Sweep dir, or the job id of its arr
 
 def load_members(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any, Path, list[Any]]:
     """(spec, sweep dir, members): every member validated before anything runs or is submitted."""
+    from mnist_dist.sweep.spec import check_bands
+
     spec, root, build = load_spec(spec_path, opts, confirm)
-    return spec, root, build(None)
+    found = build(None)
+    if found:
+        check_bands(spec, max(m.cfg.total_epochs for m in found))
+    return spec, root, found
 
 
 def load_spec(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any, Path, Any]:
@@ -81,6 +86,10 @@ def run(
     spec: Spec,
     yes: Yes = False,
     retry_failed: Annotated[bool, Opt(help="Train members that failed before again.")] = False,
+    retry_terminated: Annotated[
+        bool,
+        Opt(help="Train members that early termination stopped again, to the end (no early termination)."),
+    ] = False,
     pack: PackMode = "auto",
     max_pack: MaxPack = None,
     round_size: Annotated[
@@ -101,6 +110,7 @@ def run(
     parsed, root, build = load_spec(spec, opts, yes)
     found = build(None)
     probe = found[0] if found else build([{}])[0]  # the base config: a bayes sweep's members come later
+    sweeps.check_bands(parsed, max(m.cfg.total_epochs for m in found or [probe]))
     for note in parsed.notes:
         print(f"note: {note}")
     for data_dir in sorted({m.cfg.data_dir() for m in found or [probe]}):  # a data problem is the sweep's
@@ -120,7 +130,10 @@ def run(
     def train(members: list[Any], stop: Any) -> dict[str, int]:
         from mnist_dist.sweep.local import run_members
 
-        return run_members(members, stop, print, retry_failed, pack, max_pack, workers=workers, gpus=gpus)
+        retry = frozenset({"failed"} if retry_failed else set()) | (
+            {"terminated"} if retry_terminated else set()
+        )
+        return run_members(members, stop, print, retry, pack, max_pack, workers=workers, gpus=gpus)
 
     counts = _stoppable(parsed, root, found, build, train, round_size, probe.cfg.checkpoint.stop_check_steps)
     results = sweep_results.write(root)

@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
@@ -46,6 +46,7 @@ class MemberPart(TypedDict):
     history: list[dict[str, Any]]
     tracker_run_id: str | None
     failure: str | None  # why its loss stopped being finite; None while it trains
+    terminated: NotRequired[dict[str, Any] | None]  # early termination's decision: it left the pack
 
 
 @dataclass

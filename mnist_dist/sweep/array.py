@@ -29,7 +29,7 @@ from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.results import progress
 from mnist_dist.sweep.spec import Member, Spec, read_manifest, write_manifest
-from mnist_dist.sweep.state import STATES, member_state, to_train
+from mnist_dist.sweep.state import NO_RETRY, STATES, member_state, to_train
 from mnist_dist.sweep.target import reached
 
 TASK_MINUTE_S = 60.0  # the default task trains about this long: Slurm's scheduling cost stays small
@@ -123,7 +123,7 @@ def submit(
         )
     root = root.absolute()
     warnings = slurm.preflight(opts, members[0].cfg, root, dry_run)
-    todo = [m for m in members if to_train(member_state(m.run_dir), retry_failed=False)]
+    todo = [m for m in members if to_train(member_state(m.run_dir), NO_RETRY)]
     groups = tasks(todo, packing)
     ex = slurm.executor(opts, root / "submitit")
     ex.update_parameters(array_parallelism=parallelism)

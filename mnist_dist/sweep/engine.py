@@ -38,7 +38,7 @@ CONSTANT, CATEGORICAL = "param_single_value", "param_categorical"
 GRID_KINDS = {CONSTANT, CATEGORICAL, "param_int_uniform", "param_quniform"}
 
 
-def _load() -> None:
+def load_engine() -> None:
     """Import the engine without its import-time warnings (0.2.0's pydantic v1 config keys under
     pydantic 2): a sweep command's stderr is for the user's problems."""
     with warnings.catch_warnings():
@@ -65,7 +65,7 @@ def check_file(raw: dict[str, Any]) -> str | None:
     """The engine's first objection to the sweep file `raw` (our keys taken off), naming the key, or
     None. (Each parameter is checked by `parameters`, in words of our own where the schema's say only
     "not valid under any of the given schemas".)"""
-    _load()
+    load_engine()
     from jsonschema.exceptions import best_match
     from sweeps.config.schema import validator
 
@@ -88,7 +88,7 @@ def check_file(raw: dict[str, Any]) -> str | None:
 
 def parameters(params: dict[str, Any], prefix: str = "") -> list[Parameter]:
     """Each parameter as the engine reads it; ValueError naming the dotted key for one it cannot."""
-    _load()
+    load_engine()
     from sweeps.config import ParamValidationError
     from sweeps.config.schema import check_for_deprecated_distributions, validate_categorical_prob
     from sweeps.params import HyperParameter
@@ -207,7 +207,7 @@ def propose(
     """Member `index` of a bayes sweep over `params`, for `metric` (name, goal, impute), given the finished
     members (their values and each epoch's metric; none for a member that failed) and the pending
     ones: the engine's next_run, the same for the same inputs."""
-    _load()
+    load_engine()
     import logging
 
     from sweeps import RunState, SweepRun, next_run

@@ -38,10 +38,12 @@ from mnist_dist.errors import ExitCode, UserError
 from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.spec import Member
-from mnist_dist.sweep.state import claim, member_state, recorded_state, to_train
+from mnist_dist.sweep.state import NO_RETRY, Retry, claim, member_state, recorded_state, to_train
 from mnist_dist.train.stopping import StopFlag
 
-COUNTS = ("trained", "skipped", "failed", "stopped", "in use", "not started")
+TERMINATED = "terminated"  # state.py's name of a member early termination stopped
+
+COUNTS = ("trained", "skipped", "failed", "terminated", "stopped", "in use", "not started")
 RELAYED = {signal.SIGUSR2, signal.SIGTERM, signal.SIGINT}  # blocked in a pack process until it handles them
 CLAIMED_BY = "MNIST_DIST_CLAIMED_BY"  # a pack process's environment: the pid of the runner that claimed it
 
@@ -74,15 +76,16 @@ def run_members(
     members: Iterable[Member],
     stop: StopFlag | None = None,
     log: Callable[[str], Any] = print,
-    retry_failed: bool = False,
+    retry: Retry = NO_RETRY,
     pack: str = "auto",
     max_pack: int | None = None,
     workers: int = 1,
     gpus: list[str] | None = None,
 ) -> dict[str, int]:
     """Train what is left of `members`, in packs of up to `max_pack` by `workers` processes at once
-    (with `gpus`, one GPU each); return how many this runner trained, skipped (done, or failed),
-    failed or stopped, and how many were in use (held, or trained meanwhile, by another runner)."""
+    (with `gpus`, one GPU each); return how many this runner trained, skipped (done, failed or
+    terminated, unless `retry` names that state), failed, terminated (early termination stopped them)
+    or stopped, and how many were in use (held, or trained meanwhile, by another runner)."""
     members = list(members)
     counts = dict.fromkeys(COUNTS, 0)
     todo = []
@@ -90,22 +93,22 @@ def run_members(
         state = member_state(member.run_dir)
         if state == "running":
             log(f"member {member.id}: being trained elsewhere; skipped")
-        elif to_train(state, retry_failed):
+        elif to_train(state, retry):
             todo.append(member)
         else:
             counts["skipped"] += 1
-    queue: Queue = deque(_plan(members, todo, pack, max_pack, workers, retry_failed))
-    gate = Gate(members, log)
+    queue: Queue = deque(_plan(members, todo, pack, max_pack, workers, bool(retry)))
+    gate = Gate(members, log, early=TERMINATED not in retry)
     if len(queue) > 1 and workers > 1 and pack != "off":
-        ran = _in_processes(queue, workers, stop, log, gpus or [], retry_failed, gate)
+        ran = _in_processes(queue, workers, stop, log, gpus or [], retry, gate)
     else:
-        ran = _in_this_process(queue, stop, log, retry_failed, gate)
+        ran = _in_this_process(queue, stop, log, retry, gate)
     counts["in use"] = len(members) - counts["skipped"] - len(todo)  # held when this runner began
     left = {m.id for group in queue for m in group}  # not started: the target was reached
     for member in todo:
         if member.id in ran:
             state = recorded_state(member.run_dir)
-            counts[{"done": "trained", "failed": "failed"}.get(state, "stopped")] += 1
+            counts[{"done": "trained", "failed": "failed", TERMINATED: TERMINATED}.get(state, "stopped")] += 1
         else:
             counts["not started" if member.id in left else "in use"] += 1
     return counts
@@ -113,14 +116,18 @@ def run_members(
 
 class Gate:
     """Whether another pack may start: not once a member reached the sweep's `metric.target`
-    (target.py; read from the sweep dir, so the tasks of an array and other runners agree)."""
+    (target.py; read from the sweep dir, so the tasks of an array and other runners agree). And
+    whether the packs start in waves: with early termination (`early`, unless this runner retries
+    terminated members), the next packs start once the running ones have all ended, so each band's
+    decision sees the same values whatever the timing (barrier.py)."""
 
-    def __init__(self, members: list[Member], log: Callable[[str], Any]) -> None:
+    def __init__(self, members: list[Member], log: Callable[[str], Any], early: bool = True) -> None:
         from mnist_dist.sweep.spec import read_manifest
 
         root = SweepDir.of_member(members[0].run_dir).root if members else None
         self.manifest = read_manifest(root) if root and SweepDir(root).manifest.is_file() else {}
         self.root, self.log, self.closed = root, log, False
+        self.waves = early and bool(self.manifest.get("early_terminate"))
 
     def open(self) -> bool:
         if not self.closed and self.root and (self.manifest.get("metric") or {}).get("target") is not None:
@@ -144,10 +151,10 @@ def _plan(
     return planned + packs.plan([m for m in todo if m.id not in started], workers, max_pack)
 
 
-def _take(group: list[Member], queue: Queue, retry_failed: bool, log: Callable[[str], Any]) -> list:
+def _take(group: list[Member], queue: Queue, retry: Retry, log: Callable[[str], Any]) -> list:
     """The locks of `group` (state.claim); when another runner holds or finished some of its members,
     none, and the members still free go back to the queue as a pack of their own."""
-    locks, rest = claim(group, retry_failed, log)
+    locks, rest = claim(group, retry, log)
     if not locks:
         if len(rest) < len(group):
             log(f"{len(group) - len(rest)} of {len(group)} member(s) taken by another run; skipped")
@@ -196,7 +203,7 @@ def local_workers(cfg: TrainConfig) -> tuple[int, list[str]]:
 
 
 def _in_this_process(
-    queue: Queue, stop: StopFlag | None, log: Callable[[str], Any], retry: bool, gate: Gate
+    queue: Queue, stop: StopFlag | None, log: Callable[[str], Any], retry: Retry, gate: Gate
 ) -> set[str]:
     """The packs one after another in this process; the ids of the members this runner trained."""
     ran: set[str] = set()
@@ -207,15 +214,19 @@ def _in_this_process(
             continue
         ran |= {m.id for m in group}
         try:
-            _train(group, stop, log, locks)
+            _train(group, stop, log, locks, gate.waves)
         finally:
             for lock in locks:
                 lock.release()
     return ran
 
 
-def _train(group: list[Member], stop: StopFlag | None, log: Callable[[str], Any], locks: list) -> None:
-    """One pack in this process, its members' locks claimed."""
+def _train(
+    group: list[Member], stop: StopFlag | None, log: Callable[[str], Any], locks: list, early: bool
+) -> None:
+    """One pack in this process, its members' locks claimed; with `early`, the sweep's early
+    termination judges it (a wave of its own: the packs before it have ended)."""
+    from mnist_dist.sweep.barrier import Judge
     from mnist_dist.train.run import run_pack  # torch: once the members are known good
 
     one = len(group) == 1
@@ -225,8 +236,10 @@ def _train(group: list[Member], stop: StopFlag | None, log: Callable[[str], Any]
         else f"pack of {len(group)}: " + " ".join(m.id for m in group)
     )
     cfgs = [m.cfg for m in group]
+    where = home(cfgs, None if one else write_pack(group))
+    judge = Judge.for_pack(where, cfgs[0].run_dir(), cfgs[0].total_epochs, peers=[]) if early else None
     try:
-        _, failures = run_pack(cfgs, home(cfgs, None if one else write_pack(group)), stop=stop, locks=locks)
+        _, failures = run_pack(cfgs, where, stop=stop, locks=locks, judge=judge)
     except UserError as e:  # a checkpoint it cannot use: the member's line says why, the others go on
         log(f"{' '.join(m.id for m in group)}: {e}")
         return
@@ -239,6 +252,13 @@ def home(cfgs: list[TrainConfig], pack_dir: Path | None) -> Path:
     """Where a pack's checkpoints go: its pack dir; a pack of one's in its member's run dir, as its own
     run's (so `mnist-dist train` of the member's config resumes it)."""
     return cfgs[0].run_dir() if len(cfgs) == 1 or pack_dir is None else pack_dir
+
+
+def pack_home(group: list[Member]) -> Path:
+    """Where `group`'s checkpoints (and band files) go, before its pack dir is written."""
+    if len(group) == 1:
+        return group[0].run_dir
+    return SweepDir.of_member(group[0].run_dir).pack(m.id for m in group)
 
 
 def write_pack(group: list[Member]) -> Path:
@@ -263,24 +283,37 @@ def read_pack(where: Path) -> list[TrainConfig]:
 
 
 def _in_processes(
-    queue: Queue, workers: int, stop: StopFlag | None, log: Callable, gpus: list[str], retry: bool, gate: Gate
+    queue: Queue,
+    workers: int,
+    stop: StopFlag | None,
+    log: Callable,
+    gpus: list[str],
+    retry: Retry,
+    gate: Gate,
 ) -> set[str]:
-    """The packs as `workers` processes at a time (each on its own GPU when there are `gpus`); a stop
-    is passed on to each once (SIGUSR2). Returns the ids of the members this runner trained."""
+    """The packs as `workers` processes at a time (each on its own GPU when there are `gpus`), in
+    waves when the gate says so; a stop is passed on to each once (SIGUSR2). Returns the ids of the
+    members this runner trained."""
+    from mnist_dist.sweep.barrier import clear_ended, mark_ended
+
     running: dict[subprocess.Popen, tuple[Path, int, list]] = {}
+    homes: dict[subprocess.Popen, Path] = {}
     free, ran = list(range(workers)), set()
     relayed, stopped, failure = False, 0, None
     try:
         while (queue and not gate.closed and failure is None) or running:
             asked = stop is not None and stop.requested
-            while queue and len(running) < workers and not asked and failure is None and gate.open():
-                group = queue.popleft()
-                locks = _take(group, queue, retry, log)
-                if locks:
-                    slot = free.pop(0)
-                    proc, where = _start(group, locks, gpus[slot] if gpus else None, log)
-                    running[proc] = (where, slot, locks)
-                    ran |= {m.id for m in group}
+            room = 0 if asked or failure is not None or (gate.waves and running) else workers - len(running)
+            wave = _next_wave(queue, room, gate, retry, log)
+            peers = [pack_home(group) for group, _ in wave] if gate.waves else None
+            for where in peers or []:
+                clear_ended(where)
+            for group, locks in wave:
+                slot = free.pop(0)
+                proc, where = _start(group, locks, gpus[slot] if gpus else None, log, peers)
+                running[proc] = (where, slot, locks)
+                homes[proc] = pack_home(group)
+                ran |= {m.id for m in group}
             if asked and not relayed:
                 for proc in running:
                     proc.send_signal(signal.SIGUSR2)
@@ -291,6 +324,8 @@ def _in_processes(
                     continue
                 del running[proc]
                 free.append(slot)
+                if gate.waves:  # its peers wait for it no more (it may have been killed)
+                    mark_ended(homes.pop(proc))
                 for lock in locks:  # those its process never adopted (it ended before it could)
                     lock.release()
                 if code == ExitCode.STOPPED:
@@ -313,12 +348,32 @@ def _in_processes(
     return ran
 
 
-def _start(group: list[Member], locks: list, gpu: str | None, log: Callable) -> tuple[subprocess.Popen, Path]:
+def _next_wave(queue: Queue, room: int, gate: Gate, retry: Retry, log: Callable) -> list[tuple[list, list]]:
+    """Up to `room` packs to start now, each with its members' locks: with waves, none while a wave
+    runs (`room` 0), so that a wave starts once the last one has ended."""
+    wave: list[tuple[list, list]] = []
+    while queue and len(wave) < room and gate.open():
+        group = queue.popleft()
+        locks = _take(group, queue, retry, log)
+        if locks:
+            wave.append((group, locks))
+    return wave
+
+
+def _start(
+    group: list[Member], locks: list, gpu: str | None, log: Callable, peers: list[Path] | None
+) -> tuple[subprocess.Popen, Path]:
     """A pack process for `group`, whose locks this runner holds and hands over: in a session of its
-    own, told who claimed it (CLAIMED_BY), the stop signals blocked until it handles them."""
+    own, told who claimed it (CLAIMED_BY) and, with early termination, the homes of its wave
+    (`peers`), the stop signals blocked until it handles them."""
+    from mnist_dist.sweep.barrier import PEERS
+
     try:
         where = write_pack(group)
-        env = {**os.environ, CLAIMED_BY: str(os.getpid())}
+        env = {k: v for k, v in os.environ.items() if k != PEERS}
+        env[CLAIMED_BY] = str(os.getpid())
+        if peers is not None:
+            env[PEERS] = os.pathsep.join(map(str, peers))
         if gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpu
         log(f"pack {where.name}: {len(group)} members, a process of its own{f' on GPU {gpu}' if gpu else ''}")

@@ -32,15 +32,19 @@ PR_SET_PDEATHSIG = 1
 def train_pack_dir(where: Path, cfgs: list[TrainConfig], stop: StopFlag, claimer: int | None) -> None:
     """The pack that `where` describes, in this process; a member that fails is in its run.json."""
     from mnist_dist.store.ownership import RunLock
+    from mnist_dist.sweep.barrier import Judge, mark_ended
     from mnist_dist.train.run import run_pack
 
     locks: list[RunLock] = []
+    at = home(cfgs, where)
     try:
         if claimer is not None:
             for cfg in cfgs:
                 locks.append(RunLock(cfg.run_dir()).adopt(claimer))
-        _, failures = run_pack(cfgs, home(cfgs, where), stop=stop, locks=list(locks) or None)
+        judge = Judge.from_environment(at, cfgs[0].run_dir(), cfgs[0].total_epochs)
+        _, failures = run_pack(cfgs, at, stop=stop, locks=list(locks) or None, judge=judge)
     finally:
+        mark_ended(at)  # the packs of its wave wait for it no more
         for lock in locks:
             lock.release()
     for cfg, why in zip(cfgs, failures, strict=True):

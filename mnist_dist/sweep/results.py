@@ -48,6 +48,7 @@ def rows(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             "epochs_done": len(trained),
             "final_val_acc": last.get("val_acc"),
             "best_val_acc": max((e["val_acc"] for e in history), default=None),
+            "best_val_loss": min((e["val_loss"] for e in history), default=None),
             "final_val_loss": last.get("val_loss"),
             "final_train_loss": last.get("train_loss"),
         }
@@ -56,9 +57,12 @@ def rows(root: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     sign = -1 if goal == "maximize" else 1
 
     def order(row: dict[str, Any]) -> tuple[int, float]:
-        value = row["metric"]
-        finite = row["status"] == "done" and value is not None and math.isfinite(value)
-        return (0, sign * value) if finite else (1, 0.0)
+        """Finished members by their final metric, then terminated ones by their best so far, then
+        the rest."""
+        value = row["metric"] if row["status"] == "done" else row.get(f"best_{metric}")
+        finite = value is not None and math.isfinite(value)
+        tier = {"done": 0, "terminated": 1}.get(row["status"]) if finite else None
+        return (tier, sign * value) if tier is not None else (2, 0.0)
 
     out.sort(key=order)
     if out and order(out[0])[0] == 0:

@@ -10,7 +10,8 @@ runs unchanged: `method` grid, random or bayes (in rounds: rounds.py), `paramete
 distribution and parameter key of W&B's schema (the implicit ones included; nested `parameters:` are
 dotted config keys), `metric` (its `target` finishes the sweep: target.py), `run_cap` (`count`), and
 `program`, `command`, `project`, `entity`, `description`, `controller`, which are noted and ignored;
-`early_terminate` is validated and noted (every member trains to the end). Ours: `name` and `base`.
+`early_terminate` (W&B's hyperband) stops members inside their packs (hyperband.py). Ours: `name` and
+`base`.
 Keys are the dotted config keys `--set` takes. A member's id is a hash of its whole config, so running
 or submitting the same sweep again skips finished members and resumes interrupted ones.
 No torch here: the CLI validates every member before anything runs.
@@ -47,6 +48,7 @@ class Spec:
     target: float | None = None
     impute: str | None = None  # bayes: the value of a failed member (the engine's default: worst)
     count: int | None = None
+    early_terminate: dict[str, Any] | None = None  # W&B's hyperband (hyperband.py)
     base: Path | None = None
     path: Path = Path("sweep.yaml")
     notes: list[str] = field(default_factory=list)
@@ -120,11 +122,45 @@ def read_spec(path: Path) -> Spec:
     if raw.get("base") is not None:
         spec.base = _base(path, raw["base"])
     spec.notes += [f"'{k}' is W&B's; noted and not used here" for k in sorted(NOTED & set(raw))]
-    if "early_terminate" in raw:
-        spec.notes.append(
-            "'early_terminate' is valid; early termination is not built yet: every member trains to the end"
-        )
+    if raw.get("early_terminate") is not None:
+        spec.early_terminate = _early_terminate(path, raw["early_terminate"], spec.metric)
     return spec
+
+
+def _early_terminate(path: Path, early: dict[str, Any], metric: str) -> dict[str, Any]:
+    """W&B's hyperband as the engine fills it in (eta 3); its schema checked the keys already."""
+    if metric == "train_loss":
+        raise _fail(
+            path,
+            "early_terminate with metric train_loss: it is not logged at epoch 0, so W&B's bands would "
+            "fall an epoch later than for val_acc; use metric val_acc or val_loss",
+        )
+    return {"eta": 3, **early}
+
+
+def check_bands(spec: Spec, epochs: int) -> list[int]:
+    """The bands the members reach (hyperband.reachable); UserError when none is, so that nothing
+    could ever stop."""
+    from mnist_dist.sweep.hyperband import bands, reachable
+
+    if spec.early_terminate is None:
+        return []
+    every = bands(spec.early_terminate)
+    if not every:
+        raise _fail(
+            spec.path,
+            "early_terminate: max_iter / eta^k is below 1 for every k up to s, so hyperband has no band; "
+            "raise max_iter or lower eta",
+        )
+    found = reachable(spec.early_terminate, epochs)
+    if not found:
+        first = ", ".join(str(b) for b in every[:3])
+        raise _fail(
+            spec.path,
+            f"early_terminate: its bands ({first}, ...) are not before the members' last epoch "
+            f"({epochs}), so it would stop nothing; lower min_iter (or max_iter), or train more epochs",
+        )
+    return found
 
 
 def _check_bayes(path: Path, raw: dict[str, Any], parameters: dict[str, Parameter]) -> None:
@@ -266,6 +302,7 @@ def write_manifest(root: Path, spec: Spec, found: list[Member], **extra: Any) ->
         "name": spec.name,
         "method": spec.method,
         "metric": spec.recorded_metric,
+        **({"early_terminate": spec.early_terminate} if spec.early_terminate else {}),
         "swept": spec.swept,
         "spec": str(spec.path),
         "members": [{"id": m.id, "params": m.params} for m in found],

@@ -319,6 +319,15 @@ class Tracker:
         except Exception as e:
             self.warn(f"warning: tracker log failed: {e}".splitlines()[0])
 
+    def summarize(self, values: dict[str, Any]) -> None:
+        """Keys for the run's summary (W&B; the other trackers keep none): how it ended, e.g."""
+        if self.cfg.tracker != "wandb" or not self.trackers:
+            return
+        try:
+            self._wandb_run().summary.update(values)
+        except Exception as e:
+            self.warn(f"warning: tracker summary failed: {e}".splitlines()[0])
+
     def close(self) -> None:
         """Finish every started tracker (W&B writes its last records here)."""
         for tracker in self.trackers:
@@ -334,5 +343,7 @@ class NullTracker:
         return {"tracker": None}
 
     def log(self, entry: dict[str, Any]) -> None: ...
+
+    def summarize(self, values: dict[str, Any]) -> None: ...
 
     def close(self) -> None: ...

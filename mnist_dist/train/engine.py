@@ -242,6 +242,23 @@ class Engine(Processes):
         self.loss_grad[members] = 0.0
         self.set_lrs([group_lr for group in self.optimizer.param_groups for group_lr in group["lr"].tolist()])
 
+    @property
+    def can_shrink(self) -> bool:
+        """Whether members can leave the model (one process, no fp16 scaler): with several processes
+        the wrapped model's parameters are fixed, so members that stop are frozen instead."""
+        return self.world == 1 and self.scaler is None
+
+    def drop(self, members: list[int], *batches: data.ShardedBatches) -> None:
+        """These members leave the pack: out of the model, the optimizer and the loss, so the steps
+        after cost only the others, each computed as before; `batches` draw for the groups left."""
+        keep = [i for i in range(len(self.core)) if i not in set(members)]
+        per_group = self.core.keep(keep)
+        self.optimizer.optimizer.keep(per_group)
+        self.loss_grad = self.loss_grad[keep].clone()
+        for b in batches:
+            b.seeds = tuple(self.core.group_seeds)
+        self.graphs.reset()  # captured for the old shapes
+
     def fit(
         self,
         epochs: int,

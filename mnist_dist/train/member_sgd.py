@@ -53,6 +53,17 @@ class MemberSGD(torch.optim.Optimizer):
                 self._params.append((p, rows, first, lr.numel()))
             first += lr.numel()
 
+    def keep(self, per_group: list[list[int]]) -> None:
+        """Only these members stay (per group, the indices within it that stay; an empty list drops
+        the group): their lrs, for the parameters that now hold only their rows (MnistPack.keep)."""
+        groups = []
+        for group, local in zip(self.param_groups, per_group, strict=True):
+            if local:
+                group["lr"] = group["lr"][local].clone()
+                groups.append(group)
+        self.param_groups = groups
+        self._shape_lrs()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._shape_lrs()

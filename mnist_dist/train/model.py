@@ -52,6 +52,15 @@ class _Group(nn.Module):
         hidden = F.relu(member_linear(xb.reshape(-1, INPUT_SIZE), self.w1, self.b1, k, True, batched))
         return member_linear(hidden, self.w2, self.b2, k, False, batched)
 
+    def keep(self, local: list[int]) -> None:
+        """Only the members `local` (indices within the group, in order) stay: each parameter's rows
+        become theirs, in place (the same Parameter objects, so the optimizer and Accelerate keep them)."""
+        k = self.size
+        for p in self.parameters():
+            p.grad = None
+            p.data = p.data.view(k, -1)[local].reshape(-1, *p.shape[1:])
+        self.size = len(local)
+
     def member(self, at: int) -> dict[str, torch.Tensor]:
         """Member `at`'s weights, as MnistModel's state dict."""
         k = self.size
@@ -139,6 +148,24 @@ class MnistPack(nn.Module):
         exact for any sharding."""
         correct = (outputs.argmax(dim=1) == self.member_labels(yb)).view(len(self), -1).sum(dim=1)
         return self._losses(outputs, yb).sum(dim=1), correct
+
+    def keep(self, members: list[int]) -> list[list[int]]:
+        """Only `members` (indices over the pack, ascending) stay; the others leave the model, so its
+        steps cost only theirs, and each one left is computed as before (its own products). Returns,
+        per group before, the indices within it that stayed (an empty list: the group is gone)."""
+        kept, start, per_group, groups = set(members), 0, [], []
+        for group, size in zip(self.groups, self.sizes, strict=True):
+            local = [i for i in range(size) if start + i in kept]
+            per_group.append(local)
+            if local:
+                group.keep(local)
+                groups.append(group)
+            start += size
+        self.groups = nn.ModuleList(groups)
+        self.seeds = [self.seeds[i] for i in sorted(kept)]
+        self.sizes = [len(local) for local in per_group if local]
+        self.group_seeds = [seed for seed, local in zip(self.group_seeds, per_group, strict=True) if local]
+        return per_group
 
     def member_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s weights as MnistModel's state dict (nn.Linear layout)."""

@@ -21,7 +21,7 @@ from mnist_dist.store.outputs import check_output_dir
 from mnist_dist.store.ownership import RunLock, claim
 from mnist_dist.train.engine import Engine
 from mnist_dist.train.model import MnistPack
-from mnist_dist.train.run_state import RunState
+from mnist_dist.train.run_state import Judge, RunState
 from mnist_dist.train.stopping import StopFlag
 
 
@@ -54,10 +54,12 @@ def run_pack(
     force: bool = False,
     stop: StopFlag | None = None,
     locks: list[RunLock | None] | None = None,
+    judge: Judge | None = None,
 ) -> tuple[list[list[dict[str, Any]]], list[str | None]]:
     """Train the members `cfgs` as one stacked model; return each member's history and failure (None,
     or why its loss stopped being finite). Each member's run directory is written as its own run
-    would write it; the run's checkpoints go to `home`."""
+    would write it; the run's checkpoints go to `home`. `judge` (a sweep's early termination) is
+    asked after every epoch which members stop there: they end and leave the model."""
     for cfg in cfgs:
         check_output_dir(cfg.run_dir())
     seeds = [cfg.seed for cfg in cfgs]
@@ -68,6 +70,7 @@ def run_pack(
         engine.close()
         raise
     state = RunState(cfgs, engine, home)
+    state.judge = judge
     try:
         todo = state.begin(resume, force)
         train, val = state.batches()
@@ -77,15 +80,15 @@ def run_pack(
         for stretch in todo:
             fit = engine.fit(
                 stretch.epochs,
-                list(stretch.lrs),
+                state.lrs(stretch),
                 train,
                 val,
                 first_epoch=stretch.first_epoch,
                 resume_at=stretch.resume_at,
             )
             for result in fit:
-                state.epoch_done(stretch.phase, stretch.lrs, result)
-                if state.all_failed:  # every member failed: nothing left to train
+                state.epoch_done(stretch.phase, result)
+                if state.nothing_left:  # every member failed or was stopped
                     return state.finish()
         return state.finish()
     except BaseException as e:

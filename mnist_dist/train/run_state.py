@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ from mnist_dist.train.schedule import Stretch, remaining
 from mnist_dist.train.stopping import Preempted
 from mnist_dist.train.threads import usable_cpus
 
+TERMINATED = "terminated"  # run.json's status of a member that early termination stopped
+# Asked after each epoch with the live members' histories (by member id): those to stop, each with
+# the decision run.json records (sweep/barrier.Judge: W&B's hyperband rule).
+Judge = Callable[[int, dict[str, list[dict[str, Any]]]], dict[str, dict[str, Any]]]
+
 
 class Member:
     """One member's run: its config, run directory, history, run.json facts and tracker."""
@@ -42,20 +48,32 @@ class Member:
         self.tracker = engine.tracker(cfg, self.run_dir)
         self.history: list[dict[str, Any]] = []
         self.failure: str | None = None
+        self.terminated: dict[str, Any] | None = None  # early termination's decision
         self.tracker_run_id: str | None = None
+
+    @property
+    def trains(self) -> bool:
+        """Still training: neither failed nor terminated."""
+        return self.failure is None and self.terminated is None
 
     def restore(self, part: MemberPart) -> None:
         """Where a checkpoint left it: history, tracker run, failure (its run.json says so)."""
         self.history, self.tracker_run_id = list(part["history"]), part["tracker_run_id"]
-        self.failure = part["failure"]
+        self.failure, self.terminated = part["failure"], part.get("terminated")
         if self.failure is not None:
             self.info["status"] = "failed"
+        if self.terminated is not None:
+            self.info.update(status=TERMINATED, early_terminate=self.terminated)
 
     def part(self, pending: list[dict[str, Any]]) -> MemberPart:
         """What a checkpoint keeps of it (with `pending`, this epoch's entry not yet recorded)."""
         history = self.history + pending
         return MemberPart(
-            id=self.id, history=history, tracker_run_id=self.tracker_run_id, failure=self.failure
+            id=self.id,
+            history=history,
+            tracker_run_id=self.tracker_run_id,
+            failure=self.failure,
+            terminated=self.terminated,
         )
 
     def record(self, entry: dict[str, Any]) -> None:
@@ -68,6 +86,18 @@ class Member:
         """Its loss stopped being finite: the run ends here, as `failed`, with why."""
         self.failure = why
         self.end("failed", error=f"FloatingPointError: {why}")
+
+    def terminate(self, decision: dict[str, Any], weights: dict[str, Any], seconds: float) -> None:
+        """Early termination stopped it after its last recorded epoch: its run ends here with what a
+        finished run has (history, weights, plots), run.json and the tracker's summary saying so."""
+        self.terminated = decision
+        self.out.write_history(self.history)
+        self.out.save_weights(weights, self.cfg)
+        self.out.plot(self.history)
+        self.tracker.summarize({"early_terminate": decision, "state": TERMINATED})
+        self.tracker.close()
+        self.info["train_seconds"] = seconds
+        self.end(TERMINATED, early_terminate=decision)
 
     def end(self, status: str, **facts: Any) -> None:
         self.info.update(status=status, end_time=provenance.now(), **facts)
@@ -83,14 +113,19 @@ class RunState:
     def __init__(self, cfgs: list[TrainConfig], engine: Engine, home: Path) -> None:
         self.cfgs, self.engine, self.home = cfgs, engine, home
         self.members = [Member(cfg, engine) for cfg in cfgs]
+        self.live = list(self.members)  # those in the engine's model, in its order
+        self.judge: Judge | None = None
+        self.train: data.ShardedBatches | None = None  # the training batches, once made
+        self.pack: dict[str, Any] = {}  # what each member's run.json says of the pack
         self.console = Console(engine.print, home, cfgs)
         self.progress = checkpoint.Progress(epochs_done=0)
         self.started = False
         self._clock = time.perf_counter()
 
     @property
-    def all_failed(self) -> bool:
-        return all(m.failure is not None for m in self.members)
+    def nothing_left(self) -> bool:
+        """Every member failed or was terminated: nothing left to train."""
+        return all(not m.trains for m in self.live)
 
     def begin(self, resume: str, force: bool) -> list[Stretch]:
         """Find the starting point, set up the run directories; return what is left to train."""
@@ -106,6 +141,9 @@ class RunState:
             member.out.write_config(member.cfg)
         self.started = bool(self.members[0].history)
         self.console.config()
+        gone = [i for i, m in enumerate(self.live) if m.terminated is not None]
+        if gone:  # they left the model before this checkpoint was saved
+            self._leave(gone)
         todo = remaining(self.cfgs, self.progress)
         if resume_from is not None:
             self._resume(resume_from, done=not todo)
@@ -113,7 +151,7 @@ class RunState:
 
     def _resume(self, path: Path, done: bool) -> None:
         self.engine.load_checkpoint(path)
-        frozen = [i for i, m in enumerate(self.members) if m.failure is not None]
+        frozen = [i for i, m in enumerate(self.live) if not m.trains]
         if frozen:
             self.engine.freeze(frozen)
         p = self.progress
@@ -131,7 +169,8 @@ class RunState:
         """The seeded 50,000/10,000 split of MNIST's training images, as this process's batches."""
         cfg, engine = self.cfgs[0], self.engine
         train, val = data.random_split(engine.load_data(train=True), cfg.data.val_size, cfg.data.split_seed)
-        return engine.batches(train, cfg.batch_size, shuffle=True), engine.batches(val, cfg.val_batch_size)
+        self.train = engine.batches(train, cfg.batch_size, shuffle=True)
+        return self.train, engine.batches(val, cfg.val_batch_size)
 
     def start_tracking(self, train: data.ShardedBatches) -> None:
         """Provenance into each run.json, the trackers started (the same W&B runs as before a resume)."""
@@ -144,11 +183,16 @@ class RunState:
         segment["from"] = {"epochs_done": self.progress.epochs_done, "step": self.progress.step}
         self.progress.segments = [*self.progress.segments, segment]
         ids = [m.id for m in self.members]
-        pack = {"dir": str(self.home), "size": len(ids), "members": ids}
+        self.pack = {
+            "dir": str(self.home),
+            "size": len(ids),
+            "members": ids,
+            "sizes": pack_sizes(self.members),
+        }
         for member in self.members:
-            trained_in = {"pack": pack} if member.run_dir != self.home else {}
+            trained_in = {"pack": self.pack} if member.run_dir != self.home else {}
             member.info.update(facts, segments=self.progress.segments, **trained_in)
-            if member.failure is None:
+            if member.trains:
                 tracking = member.tracker.start(member.tracker_run_id or run_id(member.cfg))
                 member.info["tracking"] = tracking
                 member.tracker_run_id = tracking.get("run_id")
@@ -163,30 +207,32 @@ class RunState:
 
     def evaluated(self, metrics: list[dict[str, Any]]) -> None:
         """Epoch 0: the evaluation before training."""
-        for member, m in zip(self.members, metrics, strict=True):
+        for member, m in zip(self.live, metrics, strict=True):
             member.record(history_entry(None, 0, None, m, None, self.elapsed()))
         self._epoch_said(0)
 
-    def epoch_done(self, phase: int, lrs: tuple[float, ...], result: EpochResult) -> None:
-        """Each live member's history entry (or its failure), and a checkpoint when the cadence (or
-        the last epoch) says so. Once every member failed there is nothing left to save."""
+    def epoch_done(self, phase: int, result: EpochResult) -> None:
+        """Each live member's history entry (or its failure); the members that early termination
+        stops here end and leave the model; then a checkpoint when the cadence (or the last epoch) says
+        so. Once no member is left to train there is nothing left to save."""
         entries: list[tuple[Member, dict[str, Any]]] = []
         failed = []
-        for i, member in enumerate(self.members):
-            if member.failure is not None:
+        for i, member in enumerate(self.live):
+            if not member.trains:
                 continue
-            loss = result.train_loss[i]
+            loss, lr = result.train_loss[i], member.cfg.phases[phase].lr
             if not math.isfinite(loss):
-                why = f"training loss is {loss} in phase {phase + 1}, epoch {result.epoch}, lr {lrs[i]:g}"
+                why = f"training loss is {loss} in phase {phase + 1}, epoch {result.epoch}, lr {lr:g}"
                 member.fail(why)
                 failed.append(i)
                 continue
             entries.append(
-                (member, history_entry(phase, result.epoch, lrs[i], result.metrics[i], loss, result.seconds))
+                (member, history_entry(phase, result.epoch, lr, result.metrics[i], loss, result.seconds))
             )
         if failed:
             self.engine.freeze(failed)
-        if self.all_failed:
+        entries = self._judged(result.epoch, entries)
+        if self.nothing_left:
             return
         self.progress.train_seconds = time.perf_counter() - self._clock
         every, epoch = self.cfgs[0].checkpoint.every_epochs, result.epoch
@@ -196,8 +242,47 @@ class RunState:
             member.record(entry)
         self._epoch_said(epoch)
 
+    def _judged(
+        self, epoch: int, entries: list[tuple[Member, dict[str, Any]]]
+    ) -> list[tuple[Member, dict[str, Any]]]:
+        """The entries of the members that go on: those the judge (early termination) stops end now,
+        before the checkpoint that no longer holds them, and leave the model."""
+        if self.judge is None or not entries:
+            return entries
+        decided = self.judge(epoch, {m.id: [*m.history, e] for m, e in entries})
+        if not decided:
+            return entries
+        for member, _ in entries:
+            member.terminated = decided.get(member.id, member.terminated)
+        self.pack["sizes"] = pack_sizes(self.members)
+        gone = []
+        for member, entry in entries:
+            if member.id in decided:
+                member.record(entry)
+                i = self.live.index(member)
+                member.info.update(self.engine.end_facts()[i])
+                member.terminate(decided[member.id], self.engine.state_dict(i), self.elapsed())
+                gone.append(i)
+        ids = " ".join(self.live[i].id for i in gone)
+        self.engine.print(f"{self.home.name}: early termination after epoch {epoch} stopped {ids}")
+        self._leave(gone)
+        return [(m, e) for m, e in entries if m.id not in decided]
+
+    def _leave(self, gone: list[int]) -> None:
+        """Members (engine positions) leave the model: out of it when the engine can shrink, else
+        frozen (their lr 0, out of the loss), as failed members are."""
+        if not self.engine.can_shrink:
+            self.engine.freeze(gone)
+            return
+        self.engine.drop(gone, *([self.train] if self.train is not None else []))
+        self.live = [m for i, m in enumerate(self.live) if i not in set(gone)]
+
+    def lrs(self, stretch: Stretch) -> list[float]:
+        """The lr of each member in the model, in its order, for this stretch's phase."""
+        return [m.cfg.phases[stretch.phase].lr for m in self.live]
+
     def _epoch_said(self, epoch: int) -> None:
-        live = [m.history for m in self.members if m.failure is None]
+        live = [m.history for m in self.live if m.trains]
         self.console.epoch(epoch, live, sum(m.failure is not None for m in self.members))
 
     def save(self, epochs_done: int, at: ResumePoint = ResumePoint(), pending: dict | None = None) -> None:
@@ -208,14 +293,14 @@ class RunState:
         self.engine.save_checkpoint(self.progress, self.cfgs[0].checkpoint.keep)
 
     def _note_end_facts(self) -> None:
-        for member, facts in zip(self.members, self.engine.end_facts(), strict=True):
+        for member, facts in zip(self.live, self.engine.end_facts(), strict=True):
             member.info.update(facts)
 
     def finish(self) -> tuple[list[list[dict[str, Any]]], list[str | None]]:
         """The finished runs' files: history, weights, plots, run.json; failed members keep theirs."""
         seconds = self.elapsed()
         self._note_end_facts()
-        finished = [(i, m) for i, m in enumerate(self.members) if m.failure is None]
+        finished = [(i, m) for i, m in enumerate(self.live) if m.trains]
         for i, member in finished:
             member.info["train_seconds"] = seconds
             member.out.write_history(member.history)
@@ -269,3 +354,11 @@ class RunState:
     def close(self) -> None:
         for member in self.members:
             member.tracker.close()
+
+
+def pack_sizes(members: list[Member]) -> list[dict[str, int]]:
+    """A pack's size from its start and after each band that stopped members (for run.json)."""
+    bands = sorted({m.terminated["epoch"] for m in members if m.terminated})
+    left = [sum(1 for m in members if not (m.terminated and m.terminated["epoch"] <= b)) for b in bands]
+    sizes = [{"after_epoch": 0, "members": len(members)}]
+    return sizes + [{"after_epoch": b, "members": k} for b, k in zip(bands, left, strict=True)]

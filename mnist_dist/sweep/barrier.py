@@ -1,0 +1,165 @@
+"""Where the packs of one wave of `sweep run` meet at each hyperband band, and the judge that a pack
+calls after every epoch (hyperband.py has the rule).
+
+A wave is the packs one runner starts together (every worker busy); with early termination the next
+wave starts once the last one has ended, so which values a decision sees never depends on timing.
+Each pack's home (its pack dir, or a pack of one's run dir) holds `bands/`:
+
+    bands/band-0003.json   its live members' metric at epochs 0..3 (written on arrival at band 3)
+    bands/ended            it trains no more (written by the pack, and by the runner for one killed)
+
+A pack that arrives at a band writes its file and waits for every peer of its wave to have written
+the same band or to have ended, then judges. Band files stay: a rerun after a kill finds a peer's
+band it passed already (the same values: the same members train bitwise the same), and nobody waits
+for a band a peer will not reach again. A peer that is alive but never arrives ends the wait after
+MNIST_DIST_BAND_TIMEOUT seconds (default 600) with an error that names it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from mnist_dist.errors import UserError
+from mnist_dist.sweep import hyperband
+from mnist_dist.sweep.layout import SweepDir
+
+PEERS = "MNIST_DIST_PEERS"  # a pack process's environment: the homes of its wave, os.pathsep-joined
+TIMEOUT = "MNIST_DIST_BAND_TIMEOUT"
+ENDED = "ended"
+
+
+def bands_dir(home: Path) -> Path:
+    return home / "bands"
+
+
+def band_file(home: Path, band: int) -> Path:
+    return bands_dir(home) / f"band-{band:04d}.json"
+
+
+def mark_ended(home: Path) -> None:
+    with contextlib.suppress(OSError):
+        bands_dir(home).mkdir(parents=True, exist_ok=True)
+        (bands_dir(home) / ENDED).write_text(f"{os.getpid()}\n")
+
+
+def clear_ended(home: Path) -> None:
+    (bands_dir(home) / ENDED).unlink(missing_ok=True)
+
+
+def timeout() -> float:
+    text = os.environ.get(TIMEOUT, "600")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UserError(f"{TIMEOUT}={text!r}: a number of seconds above 0")
+    return value
+
+
+class Judge:
+    """Called by the training loop after each epoch with its live members' histories; at a band, meets
+    the wave and returns the members to stop, each with its hyperband.Decision's record."""
+
+    def __init__(self, manifest: dict[str, Any], sweep: SweepDir, home: Path, peers: list[Path], epochs: int):
+        self.early_terminate = manifest["early_terminate"]
+        self.metric = manifest.get("metric") or {"name": "val_acc", "goal": "maximize"}
+        self.sweep, self.home, self.peers = sweep, home, [p for p in peers if p != home]
+        self.at = set(hyperband.reachable(self.early_terminate, epochs))
+        self.wait = timeout()
+
+    @classmethod
+    def for_pack(cls, home: Path, member_run_dir: Path, epochs: int, peers: list[Path]) -> Judge | None:
+        """The judge of a pack (its checkpoints in `home`) of the sweep `member_run_dir` belongs to,
+        meeting `peers` at each band; None without early termination (in sweep.json)."""
+        from mnist_dist.sweep.spec import read_manifest
+
+        sweep = SweepDir.of_member(member_run_dir)
+        if not sweep.manifest.is_file():
+            return None
+        manifest = read_manifest(sweep.root)
+        if not manifest.get("early_terminate"):
+            return None
+        return cls(manifest, sweep, home, peers, epochs)
+
+    @classmethod
+    def from_environment(cls, home: Path, member_run_dir: Path, epochs: int) -> Judge | None:
+        """A pack process's judge: with early termination, its runner names the wave in $MNIST_DIST_PEERS
+        (unset: this runner does not terminate early, e.g. it retries terminated members)."""
+        if PEERS not in os.environ:
+            return None
+        peers = [Path(p) for p in os.environ[PEERS].split(os.pathsep) if p]
+        return cls.for_pack(home, member_run_dir, epochs, peers)
+
+    def __call__(self, epoch: int, histories: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+        if epoch not in self.at or not histories:
+            return {}
+        name = self.metric["name"]
+        mine = {mid: _values(h, name, epoch) for mid, h in histories.items()}
+        from mnist_dist.store.atomic import write_atomic
+
+        bands_dir(self.home).mkdir(parents=True, exist_ok=True)
+        write_atomic(band_file(self.home, epoch), json.dumps(mine) + "\n")
+        at_band = {**self._meet(epoch), **mine}
+        others = [values for mid, values in at_band.items() if mid not in mine]
+        others += [v for v in self._ledger(epoch, skip=set(at_band)) if v]
+        decided = hyperband.decide(self.early_terminate, self.metric, epoch, mine, others)
+        return {mid: d.record() for mid, d in decided.items()}
+
+    def _meet(self, band: int) -> dict[str, list[float]]:
+        """Wait for every peer at `band` (or ended); their members' values there."""
+        deadline = time.monotonic() + self.wait
+        found: dict[str, list[float]] = {}
+        waiting = list(self.peers)
+        while waiting:
+            for peer in list(waiting):
+                path = band_file(peer, band)
+                if path.is_file():
+                    with contextlib.suppress(OSError, ValueError):
+                        found.update(json.loads(path.read_text()))
+                        waiting.remove(peer)
+                elif (bands_dir(peer) / ENDED).is_file():
+                    waiting.remove(peer)
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"hyperband band {band}: waited {self.wait:g} s for the pack(s) "
+                    f"{', '.join(str(p) for p in waiting)}, which did not arrive ({TIMEOUT} sets the wait)"
+                )
+            if waiting:
+                time.sleep(0.05)
+        return found
+
+    def _ledger(self, band: int, skip: set[str]) -> list[list[float]]:
+        """The metric at epochs 0..band of every other member of the sweep with a history on disk."""
+        from mnist_dist.store.outputs import read_entries
+
+        name, out = self.metric["name"], []
+        run_dirs = sorted(self.sweep.members.iterdir()) if self.sweep.members.is_dir() else []
+        for run_dir in run_dirs:
+            if run_dir.name in skip:
+                continue
+            try:
+                entries = read_entries(run_dir)
+            except UserError:  # a damaged file: no values, as W&B's engine skips invalid ones
+                continue
+            if entries:
+                out.append(_values(entries, name, band))
+        return out
+
+
+def _values(history: list[dict[str, Any]], name: str, through: int) -> list[float]:
+    """The metric of each epoch 0..through, in order (a value that is not a number ends it)."""
+    out = []
+    for entry in history:
+        if entry.get("epoch", 0) > through:
+            break
+        value = entry.get(name)
+        if not isinstance(value, (int, float)):
+            break
+        out.append(float(value))
+    return out

@@ -1,0 +1,226 @@
+"""Early termination inside packs, on real processes: a 2 x 2 x 2 grid (phase-1 lr 0.05/1.5 x phase-2
+lr 0.1/0.5 x seeds) with W&B's `early_terminate: {type: hyperband, min_iter: 1, eta: 3}` over 4
+epochs (bands 1 and 3), two pack processes of 4 that meet at each band. The members stopped, and
+where, are what W&B's engine decides when this test replays the recorded histories band by band
+itself; every member is bitwise its run without early termination (`--pack off`) up to where it
+stopped; the packs shrink; a rerun trains nothing; a kill -9 mid-way and a rerun stop the same
+members and end bitwise the same; `--retry-terminated` trains them to the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, load_json, ok, run_cli, without_seconds
+
+pytestmark = pytest.mark.xdist_group("early-termination")  # one worker: the sweeps are shared
+
+PHASES = ["--phases", "1x0.5,3x0.1"]  # epoch 1 at phase 1's lr, epochs 2-4 at phase 2's
+EARLY = "early_terminate: {type: hyperband, min_iter: 1, eta: 3}\n"
+GRID = f"""name: et
+method: grid
+base: {ROOT / "configs" / "seed.yaml"}
+metric: {{name: val_acc, goal: maximize}}
+parameters:
+  phases.0.lr: {{values: [0.05, 1.5]}}
+  phases.1.lr: {{values: [0.1, 0.5]}}
+  seed: {{values: [0, 1]}}
+"""
+PACK_PROCESS = "mnist_dist.sweep.pack_process"
+
+
+def _spec(where: Path, early: bool = True) -> Path:
+    where.mkdir(parents=True, exist_ok=True)
+    path = where / ("et.yaml" if early else "full.yaml")
+    path.write_text(GRID + (EARLY if early else ""))
+    return path
+
+
+def _args(spec: Path, root: Path, *extra: str) -> list[str]:
+    return ["sweep", "run", str(spec), *PHASES, "--tracker", "none", "--output-dir", str(root), *extra]
+
+
+def _members(root: Path) -> list[str]:
+    return [m["id"] for m in load_json(root / "sweep.json")["members"]]
+
+
+def _entries(run_dir: Path) -> list[dict]:
+    return without_seconds([json.loads(line) for line in (run_dir / "metrics.jsonl").open()])
+
+
+def _stopped(root: Path) -> dict[str, int]:
+    """Each terminated member and the epoch it stopped at, from run.json."""
+    out = {}
+    for mid in _members(root):
+        run = load_json(root / "members" / mid / "run.json")
+        if run["status"] == "terminated":
+            out[mid] = run["early_terminate"]["epoch"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> tuple[Path, Path, str]:
+    """(the sweep with early termination, the same grid trained to the end with --pack off, the first
+    run's stdout)."""
+    where = tmp_path_factory.mktemp("early")
+    stopped = ok(run_cli(*_args(_spec(where), where / "et"), env=data_env))
+    full = ok(run_cli(*_args(_spec(where, early=False), where / "full", "--pack", "off"), env=data_env))
+    assert "8 trained" in full.stdout
+    return where / "et", where / "full", stopped.stdout
+
+
+def test_the_members_stopped_are_those_wandbs_engine_decides(sweeps: tuple[Path, Path, str]):
+    from sweeps import RunState, SweepRun, stop_runs
+
+    root, _, out = sweeps
+    assert "2 member(s) in" not in out and "pack pack-" in out, "two pack processes"
+    histories = {mid: [e["val_acc"] for e in _entries(root / "members" / mid)] for mid in _members(root)}
+    config = {
+        "method": "grid",
+        "metric": {"name": "val_acc", "goal": "maximize"},
+        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 3},
+        "parameters": {"x": {"value": 0}},
+    }
+    alive, expected = set(histories), {}
+    for band in (1, 3):  # what W&B's engine sees at each band: every member's values so far
+        runs = [
+            SweepRun(
+                name=mid,
+                state=RunState.running if mid in alive else RunState.finished,
+                sampledHistory=[{"val_acc": v} for v in values[: band + 1]],
+            )
+            for mid, values in histories.items()
+        ]
+        for run in stop_runs(config, runs):
+            expected[run.name] = band
+            alive.discard(run.name)
+    assert expected and alive, f"the grid stops some members and keeps others: {expected}"
+    assert _stopped(root) == expected
+    for mid, band in expected.items():
+        epochs = [e["epoch"] for e in _entries(root / "members" / mid)]
+        assert epochs == list(range(band + 1)), f"{mid}: ends at its band, each epoch logged once"
+        run = load_json(root / "members" / mid / "run.json")
+        decision = run["early_terminate"]
+        assert decision["value"] < decision["threshold"] and decision["rule"] == "hyperband"
+        assert (root / "members" / mid / "model.safetensors").is_file()
+        assert len(load_json(root / "members" / mid / "history.json")) == band + 1
+
+
+def test_each_member_is_bitwise_its_run_without_early_termination_and_the_packs_shrink(
+    sweeps: tuple[Path, Path, str], data_env: dict
+):
+    root, full, out = sweeps
+    stopped = _stopped(root)
+    for mid in _members(root):
+        mine, reference = _entries(root / "members" / mid), _entries(full / "members" / mid)
+        assert mine == reference[: len(mine)], mid
+        assert len(mine) == (stopped[mid] + 1 if mid in stopped else 5), mid
+    sizes = {}
+    for mid in _members(root):
+        pack = load_json(root / "members" / mid / "run.json")["pack"]
+        sizes[pack["dir"]] = pack["sizes"]
+    for series in sizes.values():
+        counts = [s["members"] for s in series]
+        assert counts[0] == 4 and counts == sorted(counts, reverse=True) and counts[-1] < 4, series
+    assert "early termination after epoch 1" in out
+    status = json.loads(ok(run_cli("sweep", "status", root, "--json", env=data_env)).stdout)
+    assert status["counts"]["terminated"] == len(stopped) and status["counts"]["done"] == 8 - len(stopped)
+    rows = load_json(root / "results.json")["members"]
+    assert [r["status"] for r in rows] == ["done"] * (8 - len(stopped)) + ["terminated"] * len(stopped)
+    again = ok(run_cli(*_args(root.parent / "et.yaml", root), env=data_env))
+    assert "0 trained, 8 skipped" in again.stdout, "a rerun trains nothing"
+
+
+def _pack_processes(root: Path) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if PACK_PROCESS.encode() in argv and any(str(root).encode() in a for a in argv) and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_kill_mid_way_and_a_rerun_stop_the_same_members_bitwise(
+    sweeps: tuple[Path, Path, str], tmp_path: Path, data_env: dict
+):
+    reference, full, _ = sweeps
+    root = tmp_path / "et"
+    command = [sys.executable, "-m", "mnist_dist.cli", *_args(_spec(tmp_path), root)]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=data_env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(root.glob("packs/*/checkpoints/epoch-0002/progress.json")):  # past band 1
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended too soon"
+        time.sleep(0.02)
+    packs = _pack_processes(root)
+    assert len(packs) == 2
+    for pid in packs:  # what trains, first: else the runner's death would let them save and stop
+        os.kill(pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert "completed" not in {load_json(r).get("status") for r in root.glob("members/*/run.json")}, "mid-way"
+    again = ok(run_cli(*_args(tmp_path / "et.yaml", root), env=data_env))
+    assert "resuming from" in again.stdout
+    assert _stopped(root) == _stopped(reference)
+    for mid in _members(root):
+        assert _entries(root / "members" / mid) == _entries(reference / "members" / mid), mid
+    retried = ok(run_cli(*_args(tmp_path / "et.yaml", root, "--retry-terminated"), env=data_env))
+    assert f"{len(_stopped(reference))} trained" in retried.stdout and "0 terminated" in retried.stdout
+    for mid in _members(root):
+        assert _entries(root / "members" / mid) == _entries(full / "members" / mid), f"{mid}: to the end"
+        assert load_json(root / "members" / mid / "run.json")["status"] == "completed"
+
+
+@pytest.mark.parametrize(
+    ("early", "said"),
+    [
+        (
+            "{type: hyperband, min_iter: 2, eta: 3}",
+            "early_terminate: its bands (2, 6, 18, ...) are not before",
+        ),
+        ("{type: hyperband, max_iter: 2, s: 1}", "early_terminate: max_iter / eta^k is below 1"),
+    ],
+    ids=["bands past the last epoch", "no band"],
+)
+def test_bands_that_cannot_stop_anything_are_refused(tmp_path: Path, data_env: dict, early: str, said: str):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(GRID + f"early_terminate: {early}\n")
+    proc = run_cli(*_args(spec, tmp_path / "out", "--phases", "1x0.5,1x0.1"), env=data_env)
+    assert proc.returncode == 2, proc.stdout
+    assert proc.stderr.count("\n") == 1 and said in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists(), "nothing trained or written"
+
+
+def test_bands_are_the_engines():
+    from mnist_dist.sweep.hyperband import bands, reachable
+
+    assert bands({"min_iter": 1, "eta": 3})[:4] == [1, 3, 9, 27]
+    assert bands({"max_iter": 27, "s": 3, "eta": 3}) == [1, 3, 9]
+    assert reachable({"min_iter": 1, "eta": 3}, 4) == [1, 3], (
+        "band 9 is past, a band at the last epoch stops nothing"
+    )
+
+
+def test_train_loss_cannot_judge_bands(tmp_path: Path, data_env: dict):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(GRID.replace("{name: val_acc, goal: maximize}", "{name: train_loss}") + EARLY)
+    proc = run_cli(*_args(spec, tmp_path / "out"), env=data_env)
+    assert proc.returncode == 2 and "early_terminate with metric train_loss" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
