@@ -236,7 +236,7 @@ def test_a_rerun_trains_nothing(
     args = ["sweep", "run", _spec(tmp_path), *PHASES, "--tracker", "none"]
     again = ok(run_cli(*args, "--output-dir", root, env=data_env))
     assert (
-        "0 trained, 4 skipped, 0 failed, 0 stopped, 0 in use" in again.stdout
+        "0 trained, 4 skipped, 0 failed, 0 terminated, 0 stopped, 0 in use" in again.stdout
         and "Epoch [" not in again.stdout
     )
 
@@ -311,7 +311,8 @@ def test_sweep_submit_is_one_array_and_a_preempted_task_is_requeued_alone(
     assert "resuming" not in next((root / "submitit").glob(f"{job}_0_0_log.out")).read_text()
     for member in tasks[1]:
         info = load_json(root / "members" / member / "run.json")
-        assert info["pack"] == {"dir": str(pack), "size": 2, "members": tasks[1]}
+        sizes = [{"after_epoch": 0, "members": 2}]  # no member left it
+        assert info["pack"] == {"dir": str(pack), "size": 2, "members": tasks[1], "sizes": sizes}
         assert [s["world_size"] for s in info["segments"]] == [1, 1], "trained, stopped, requeued"
     for member in [m for t in tasks for m in t]:
         runs = [wandb_file.read_wandb_run(f) for f in wandb_file.wandb_run_files(root / "members" / member)]
@@ -343,7 +344,7 @@ def test_in_an_array_a_diverging_member_fails_alone_and_sweep_cancel_stops_the_r
     states = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
     assert states["counts"]["failed"] == 1 and states["counts"]["running"] == 1, states
     cancelled = ok(run_cli("sweep", "cancel", job, env=slurm_env))
-    assert f"job {job}: cancelled" in cancelled.stdout and "1 failed, 1 stopped" in cancelled.stdout
+    assert f"job {job}: cancelled" in cancelled.stdout and "1 failed, 0 terminated, 1 stopped" in cancelled.stdout
     info = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
     assert info["tasks"][0]["state"].startswith("CANCELLED"), info
     failed, stopped = (load_json(root / "members" / m / "run.json") for m in task)
@@ -412,8 +413,8 @@ def test_a_wandb_style_sweep_runs(tmp_path: Path, data_env: dict):
     spec = ROOT / "configs" / "sweeps" / "wandb-style.yaml"
     args = ["--phases", "1x0.5,1x0.1", "--tracker", "none", "--output-dir", tmp_path / "s"]
     proc = ok(run_cli("sweep", "run", spec, *args, env=data_env))
-    counts = dict(re.findall(r"(\d+) (trained|terminated|failed)", proc.stdout.strip().splitlines()[-1]))
-    counts = {what: int(n) for n, what in counts.items()}
+    last = proc.stdout.strip().splitlines()[-1]
+    counts = {what: int(n) for n, what in re.findall(r"(\d+) (trained|terminated|failed)", last)}
     assert counts["trained"] + counts["terminated"] == 4 and counts["failed"] == 0, counts
     assert counts["terminated"] >= 1, "its hyperband block stops members at band 1"
     rows = load_json(tmp_path / "s" / "results.json")["members"]
