@@ -344,7 +344,8 @@ def test_in_an_array_a_diverging_member_fails_alone_and_sweep_cancel_stops_the_r
     states = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
     assert states["counts"]["failed"] == 1 and states["counts"]["running"] == 1, states
     cancelled = ok(run_cli("sweep", "cancel", job, env=slurm_env))
-    assert f"job {job}: cancelled" in cancelled.stdout and "1 failed, 0 terminated, 1 stopped" in cancelled.stdout
+    assert f"job {job}: cancelled" in cancelled.stdout
+    assert "1 failed, 0 terminated, 1 stopped" in cancelled.stdout
     info = json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
     assert info["tasks"][0]["state"].startswith("CANCELLED"), info
     failed, stopped = (load_json(root / "members" / m / "run.json") for m in task)
