@@ -11,7 +11,10 @@ Contenders alternate (packed, off, separate, ... then again) so drift hits all a
 - separate: `mnist-dist train --config members/<id>/config.yaml` for every member, one process after
   another (as a shell loop runs them), and `separate x2`: two at a time (both cores busy);
 - one: a single member alone (`mnist-dist train` of the first member's config): what a pack costs
-  next to one run.
+  next to one run;
+- hyperband: packed, with the sweep file's `early_terminate` (W&B's hyperband, min_iter 1, eta 3, added
+  when the file has none): stopped members leave their packs. Against packed: its training time, the
+  member-epochs it trained, and whether packed's best member survives with a bitwise equal history.
 Per contender: training seconds (from the members' run.json: packs running at once count once, by the
 slowest; members and processes one after another add up), whole wall time, and the peak memory of
 the whole process tree (PSS and RSS summed over its processes, sampled every 0.1 s). Also: how many
@@ -36,7 +39,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-CONTENDERS = ("packed", "off", "separate", "separate x2", "one")
+CONTENDERS = ("packed", "hyperband", "off", "separate", "separate x2", "one")
+SWEPT = ("packed", "hyperband", "off")  # contenders that are `sweep run`s
+EARLY = {"type": "hyperband", "min_iter": 1, "eta": 3}
 
 
 def tree_memory_mib(root: int) -> tuple[float, float]:
@@ -94,8 +99,8 @@ def measured(commands: list[list[str]], at_once: int = 1) -> dict[str, float]:
     return {"wall_seconds": time.perf_counter() - start, "peak_rss_mib": peak, "peak_pss_mib": peak_pss}
 
 
-def sweep_cmd(args: argparse.Namespace, out: Path, *extra: str) -> list[str]:
-    cmd = [PY, "-m", "mnist_dist.cli", "sweep", "run", str(args.spec), "--output-dir", str(out)]
+def sweep_cmd(args: argparse.Namespace, out: Path, *extra: str, spec: Path | None = None) -> list[str]:
+    cmd = [PY, "-m", "mnist_dist.cli", "sweep", "run", str(spec or args.spec), "--output-dir", str(out)]
     cmd += [
         "--tracker",
         "none",
@@ -128,8 +133,8 @@ def train_seconds(sweep_dir: Path, packs_at_once: int) -> float:
     alone = 0.0
     for run_dir in members(sweep_dir):
         info = json.loads((run_dir / "run.json").read_text())
-        if "pack" in info:
-            by_pack[info["pack"]["dir"]] = info["train_seconds"]
+        if "pack" in info:  # a pack's time is its last member's (stopped members end earlier)
+            by_pack[info["pack"]["dir"]] = max(by_pack.get(info["pack"]["dir"], 0.0), info["train_seconds"])
         else:
             alone += info["train_seconds"]
     packs = sorted(by_pack.values(), reverse=True)
@@ -155,12 +160,33 @@ def identical(a: Path, b: Path) -> bool:
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def member_epochs(sweep_dir: Path) -> int:
+    """Epochs trained, summed over the members (epoch 0, the evaluation before training, not counted)."""
+    return sum(len(json.loads((d / "history.json").read_text())) - 1 for d in members(sweep_dir))
+
+
+def hyperband_spec(spec: Path, tmp: Path) -> Path:
+    """The sweep file with W&B's hyperband (EARLY) when it has no early_terminate; its base absolute."""
+    import yaml
+
+    raw = yaml.safe_load(spec.read_text())
+    raw.setdefault("early_terminate", EARLY)
+    if raw.get("base"):
+        base = Path(raw["base"])
+        raw["base"] = str(base if base.is_absolute() or base.is_file() else (spec.parent / base).resolve())
+    out = tmp / f"hyperband-{spec.name}"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
 def run_once(name: str, args: argparse.Namespace, tmp: Path, rep: int, workers: int) -> dict[str, Any]:
     out = tmp / f"{name.replace(' ', '-')}-{rep}"
-    if name in ("packed", "off"):
-        m = measured([sweep_cmd(args, out, *(["--pack", "off"] if name == "off" else []))])
-        m["train_seconds"] = train_seconds(out, workers if name == "packed" else 1)
+    if name in SWEPT:
+        spec = hyperband_spec(args.spec, tmp) if name == "hyperband" else None
+        m = measured([sweep_cmd(args, out, *(["--pack", "off"] if name == "off" else []), spec=spec)])
+        m["train_seconds"] = train_seconds(out, 1 if name == "off" else workers)
         m["members"] = len(members(out))
+        m["member_epochs"] = member_epochs(out)
         return {**m, "dir": str(out)}
     configs = [d / "config.yaml" for d in members(args.reference)]
     if name == "one":
@@ -205,6 +231,28 @@ def solo_check(args: argparse.Namespace, packed: Path, tmp: Path) -> dict[str, A
     return {"member": run_dir.name, "command": command, "identical": identical(run_dir, out)}
 
 
+def survivors(full: Path, early: Path) -> dict[str, Any]:
+    """Early termination against the full grid: member-epochs trained, terminated members, and whether
+    the full grid's best member (final val_acc) survived with a bitwise equal history and weights."""
+
+    def final(d: Path) -> float:
+        return json.loads((d / "history.json").read_text())[-1]["val_acc"]
+
+    best = max(members(full), key=final)
+    status = json.loads((early / "members" / best.name / "run.json").read_text())["status"]
+    stopped = sum(json.loads((d / "run.json").read_text())["status"] == "terminated" for d in members(early))
+    return {
+        "member_epochs": member_epochs(early),
+        "of": member_epochs(full),
+        "terminated": stopped,
+        "members": len(members(early)),
+        "best": best.name,
+        "best_val_acc": final(best),
+        "best_survived": status == "completed",
+        "best_identical": status == "completed" and identical(best, early / "members" / best.name),
+    }
+
+
 def markdown(results: dict[str, Any]) -> str:
     from bench.run import machine_line
 
@@ -234,6 +282,20 @@ def markdown(results: dict[str, Any]) -> str:
         )
     if "identical" in results:
         lines += ["", f"Packed members bitwise equal to their `--pack off` run: {results['identical']}."]
+    hb = results.get("hyperband")
+    if hb:
+        verdict = (
+            "survived, bitwise equal"
+            if hb["best_identical"]
+            else "survived"
+            if hb["best_survived"]
+            else "STOPPED"
+        )
+        lines += [
+            f"Hyperband (`{json.dumps(EARLY)}` unless the file has its own): {hb['terminated']} of "
+            f"{hb['members']} members stopped, {hb['member_epochs']} member-epochs trained of {hb['of']}; "
+            f"the full grid's best member `{hb['best']}` (final val_acc {hb['best_val_acc']:.4f}): {verdict}."
+        ]
     solo = results.get("solo")
     if solo:
         verdict = "bitwise equal" if solo["identical"] else "NOT equal"
@@ -258,6 +320,10 @@ def targets(rows: dict[str, Any], device: str) -> list[dict[str, Any]]:
         value = rows["packed"]["peak_pss_mib"] / 1024
         what = "packed peak memory (PSS of all its processes), GiB"
         out.append({"what": what, "value": value, "target": "<= 1.5", "met": value <= 1.5})
+    if "packed" in rows and "hyperband" in rows:
+        value = rows["hyperband"]["train_seconds"] / rows["packed"]["train_seconds"]
+        what = "hyperband training / packed training (the full grid)"
+        out.append({"what": what, "value": value, "target": "<= 0.35", "met": value <= 0.35})
     if "packed" in rows and "one" in rows:
         value = rows["packed"]["train_seconds"] / rows["one"]["train_seconds"]
         what, gpu = "packed training / one member's training", device == "cuda"
@@ -306,9 +372,9 @@ def main() -> None:
     }
     for rep in range(max(args.reps, args.separate_reps)):
         for name in only:
-            if rep >= (args.reps if name in ("packed", "off") else args.separate_reps):
+            if rep >= (args.reps if name in SWEPT else args.separate_reps):
                 continue
-            if name not in ("packed", "off"):  # member configs from the first packed sweep
+            if name not in SWEPT:  # member configs from the first packed sweep
                 args.reference = Path(rows["packed"][0]["dir"]) if rows.get("packed") else None
                 if args.reference is None:
                     args.reference = tmp / "reference"
@@ -324,6 +390,8 @@ def main() -> None:
         packed, off = Path(rows["packed"][0]["dir"]), Path(rows["off"][0]["dir"])
         same = sum(identical(a, off / "members" / a.name) for a in members(packed))
         results["identical"] = f"{same} of {len(members(packed))}"
+    if rows.get("packed") and rows.get("hyperband"):
+        results["hyperband"] = survivors(Path(rows["packed"][0]["dir"]), Path(rows["hyperband"][0]["dir"]))
     if rows.get("packed") and args.solo and args.device == "cpu":
         results["solo"] = solo_check(args, Path(rows["packed"][0]["dir"]), tmp)
     write(results, rows, args)

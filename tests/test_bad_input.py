@@ -272,10 +272,22 @@ ROWS = [
     Row("submit-more-nodes-than-the-partition", "submit --nodes 64", "--nodes 64: partition 'gpu' has"),
     Row("submit-partition-list-unknown", "submit --partition cpu,nosuch", "partition 'nosuch' does not"),
     Row(
-        "sweep-submit-bayes",
-        "sweep submit {tmp}/s.yaml --partition cpu",
-        "method bayes runs on this machine for now",
+        "sweep-submit-workers-0",
+        "sweep submit {tmp}/s.yaml --partition cpu --workers 0",
+        "--workers 0: from 1 to 1024",
         {"s.yaml": BAYES},
+    ),
+    Row(
+        "sweep-run-hyperband-past-the-last-epoch",
+        "sweep run {tmp}/s.yaml --phases 1x0.5,1x0.1",
+        "early_terminate: its bands (2, 6, 18, ...) are not before the members' last epoch (2)",
+        {"s.yaml": SPEC + "early_terminate: {type: hyperband, min_iter: 2}\n"},
+    ),
+    Row(
+        "sweep-run-hyperband-train-loss",
+        "sweep run {tmp}/s.yaml",
+        "early_terminate with metric train_loss",
+        {"s.yaml": SPEC + "metric: {name: train_loss}\nearly_terminate: {type: hyperband, min_iter: 1}\n"},
     ),
     Row(
         "sweep-run-deprecated-log-uniform",

@@ -1,4 +1,5 @@
-"""Early termination inside packs, on real processes: a 2 x 2 x 2 grid (phase-1 lr 0.05/1.5 x phase-2
+"""Early termination inside packs, on real processes (and an adaptive sweep on the local Slurm cluster,
+last): a 2 x 2 x 2 grid (phase-1 lr 0.05/1.5 x phase-2
 lr 0.1/0.5 x seeds) with W&B's `early_terminate: {type: hyperband, min_iter: 1, eta: 3}` over 4
 epochs (bands 1 and 3), two pack processes of 4 that meet at each band. The members stopped, and
 where, are what W&B's engine decides when this test replays the recorded histories band by band
@@ -20,7 +21,7 @@ import pytest
 
 from conftest import ROOT, load_json, ok, run_cli, without_seconds
 
-pytestmark = pytest.mark.xdist_group("early-termination")  # one worker: the sweeps are shared
+SHARED = pytest.mark.xdist_group("early-termination")  # one worker for the tests that share the sweeps
 
 PHASES = ["--phases", "1x0.5,3x0.1"]  # epoch 1 at phase 1's lr, epochs 2-4 at phase 2's
 EARLY = "early_terminate: {type: hyperband, min_iter: 1, eta: 3}\n"
@@ -76,6 +77,7 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> tuple[Pa
     return where / "et", where / "full", stopped.stdout
 
 
+@SHARED
 def test_the_members_stopped_are_those_wandbs_engine_decides(sweeps: tuple[Path, Path, str]):
     from sweeps import RunState, SweepRun, stop_runs
 
@@ -113,6 +115,7 @@ def test_the_members_stopped_are_those_wandbs_engine_decides(sweeps: tuple[Path,
         assert len(load_json(root / "members" / mid / "history.json")) == band + 1
 
 
+@SHARED
 def test_each_member_is_bitwise_its_run_without_early_termination_and_the_packs_shrink(
     sweeps: tuple[Path, Path, str], data_env: dict
 ):
@@ -151,6 +154,7 @@ def _pack_processes(root: Path) -> list[int]:
     return found
 
 
+@SHARED
 def test_a_kill_mid_way_and_a_rerun_stop_the_same_members_bitwise(
     sweeps: tuple[Path, Path, str], tmp_path: Path, data_env: dict
 ):
@@ -224,3 +228,87 @@ def test_train_loss_cannot_judge_bands(tmp_path: Path, data_env: dict):
     proc = run_cli(*_args(spec, tmp_path / "out"), env=data_env)
     assert proc.returncode == 2 and "early_terminate with metric train_loss" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_an_adaptive_sweep_on_slurm_is_workers_without_a_server(
+    cluster: int, slurm_env: dict, tmp_path: Path
+):
+    """bayes, run_cap 6, hyperband: 2 workers (array tasks) that take 3 members at a time from the
+    shared sweep dir; worker 1 preempted with USR2 after its pack's first checkpoint and requeued."""
+    from mnist_dist.sweep.layout import SweepDir
+
+    root, spec = tmp_path / "adaptive", tmp_path / "bayes.yaml"
+    spec.write_text(
+        f"name: adaptive\nmethod: bayes\nrun_cap: 6\nbase: {ROOT / 'configs' / 'seed.yaml'}\n"
+        "metric: {name: val_acc, goal: maximize}\n" + EARLY + "parameters:\n"
+        "  phases.0.lr: {distribution: log_uniform_values, min: 0.02, max: 2.0}\n"
+    )
+    args = ["--phases", "3x0.5,1x0.1", "--partition", "cpu", "--workers", "2", "--members-per-task", "3"]
+    args += ["--tracker", "none", "--allow-local", "--output-dir", str(root), "--json"]
+    job = json.loads(ok(run_cli("sweep", "submit", spec, *args, env=slurm_env)).stdout)["job_id"]
+    taken = root / "workers" / "task-1.json"
+    deadline = time.monotonic() + 300
+    while not (taken.is_file() and (SweepDir(root).pack(sorted(load_json(taken))) / "checkpoints").is_dir()):
+        assert time.monotonic() < deadline, "worker 1 never trained a pack"
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR2", f"{job}_1"], check=True)
+
+    def status() -> dict:
+        return json.loads(ok(run_cli("sweep", "status", job, "--json", env=slurm_env)).stdout)
+
+    while status()["tasks"][1]["state"] not in ("PENDING", "REQUEUED"):
+        assert time.monotonic() < deadline + 120, "worker 1 was not requeued"
+        time.sleep(1)
+    subprocess.run(["scontrol", "update", f"JobId={job}_1", "StartTime=now"], check=True)
+    while True:
+        info = status()
+        if [t["state"] for t in info["tasks"]] == ["COMPLETED", "COMPLETED"]:
+            break
+        assert time.monotonic() < deadline + 600, info
+        time.sleep(1)
+    manifest = load_json(root / "sweep.json")
+    assert len(manifest["proposals"]) == 6 and len(manifest["members"]) == 6, "run_cap held across workers"
+    assert info["counts"]["done"] + info["counts"]["terminated"] == 6, info["counts"]
+    log = next((root / "submitit").glob(f"{job}_1_0_log.out")).read_text()
+    assert "restart 1" in log and "preempted" in log
+    stopped = 0
+    for mid in _members(root):
+        epochs = [e["epoch"] for e in _entries(root / "members" / mid)]
+        assert epochs == list(range(len(epochs))), f"{mid}: each epoch trained once: {epochs}"
+        run = load_json(root / "members" / mid / "run.json")
+        if run["status"] == "terminated":
+            stopped += 1
+            decision = run["early_terminate"]
+            assert len(epochs) == decision["epoch"] + 1 and decision["values_at_band"], decision
+            assert decision["value"] < decision["threshold"] and decision["members_at_band"] >= 3
+    assert stopped >= 1, "hyperband stopped a member"
+    took = set(load_json(root / "workers" / "task-0.json")) | set(load_json(taken))
+    assert took == set(_members(root)), (
+        "the workers took every member (the preempted pack maybe twice: resumed)"
+    )
+
+
+def test_workers_take_disjoint_members_and_run_cap_holds_across_them(tmp_path: Path):
+    """The proposal lock and the leases, without Slurm: each call (a worker) gets members no other
+    worker was given, bayes proposes up to run_cap in all, and a lease that ran out is given again."""
+    from mnist_dist.sweep import spec as sweeps
+    from mnist_dist.sweep import workers
+
+    spec_path = tmp_path / "b.yaml"
+    spec_path.write_text(
+        f"name: b\nmethod: bayes\nrun_cap: 5\nbase: {ROOT / 'configs' / 'seed.yaml'}\n"
+        "metric: {name: val_acc, goal: maximize}\n"
+        "parameters:\n  phases.0.lr: {distribution: log_uniform_values, min: 0.02, max: 2.0}\n"
+    )
+    spec, root = sweeps.read_spec(spec_path), tmp_path / "sw"
+    sweeps.write_manifest(root, spec, [], proposals=[], run_cap=5)
+    worker = workers.SweepWorker(sweeps.Builder(spec, root, {}), str(tmp_path), take=2)
+    said: list[str] = []
+    taken = [[m.id for m in worker.next_members(said.append)] for _ in range(4)]
+    assert [len(t) for t in taken] == [2, 2, 1, 0], taken
+    assert len({i for t in taken for i in t}) == 5 and len(load_json(root / "sweep.json")["proposals"]) == 5
+    assert said[-1] == "proposed 1 member(s): 5 of 5"
+    leases = load_json(workers.lease_file(root))
+    workers.lease_file(root).write_text(json.dumps({k: v - 1000 for k, v in leases.items()}))
+    again = [m.id for m in worker.next_members(said.append)]
+    assert again == taken[0], "a worker that never claimed its members gives them up when its lease ends"

@@ -29,15 +29,17 @@ Spec = Annotated[Path, typer.Argument(help="Sweep file (W&B sweep format, grid o
 Target = Annotated[str, typer.Argument(help="Sweep dir, or the job id of its array.")]
 
 
-def load_members(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any, Path, list[Any]]:
-    """(spec, sweep dir, members): every member validated before anything runs or is submitted."""
+def load_members(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any, Path, Any, list, Any]:
+    """(spec, sweep dir, build, members, probe): every member validated before anything runs or is
+    submitted (a bayes sweep's come later: none yet), `probe` the first or the base config's member,
+    the early termination's bands checked against the members' epochs."""
     from mnist_dist.sweep.spec import check_bands
 
     spec, root, build = load_spec(spec_path, opts, confirm)
     found = build(None)
-    if found:
-        check_bands(spec, max(m.cfg.total_epochs for m in found))
-    return spec, root, found
+    probe = found[0] if found else build([{}])[0]  # the base config: a bayes sweep's members come later
+    check_bands(spec, max(m.cfg.total_epochs for m in found or [probe]))
+    return spec, root, build, found, probe
 
 
 def load_spec(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any, Path, Any]:
@@ -52,11 +54,7 @@ def load_spec(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[Any
     if opts.get("config"):  # --config takes the place of the spec's base
         spec.base = opts["config"]
     root = sweeps.sweep_dir(spec, overrides.pop("output_dir"))
-
-    def build(combos: list[dict[str, Any]] | None) -> list[Any]:
-        return sweeps.members(spec, root.absolute(), overrides, opts.get("set_"), confirm, combos)
-
-    return spec, root, build
+    return spec, root, sweeps.Builder(spec, root.absolute(), overrides, opts.get("set_"), confirm)
 
 
 Yes = Annotated[bool, Opt("--yes", help="Run a grid of more than 1,000 members.")]
@@ -107,10 +105,7 @@ def run(
     check_pack(pack, max_pack)
     if round_size is not None and not 1 <= round_size <= 1024:
         raise UserError(f"--round-size {round_size}: from 1 to 1024")
-    parsed, root, build = load_spec(spec, opts, yes)
-    found = build(None)
-    probe = found[0] if found else build([{}])[0]  # the base config: a bayes sweep's members come later
-    sweeps.check_bands(parsed, max(m.cfg.total_epochs for m in found or [probe]))
+    parsed, root, build, found, probe = load_members(spec, opts, yes)
     for note in parsed.notes:
         print(f"note: {note}")
     for data_dir in sorted({m.cfg.data_dir() for m in found or [probe]}):  # a data problem is the sweep's
@@ -222,6 +217,13 @@ def submit(
         int | None, Opt(help="Members each array task trains one after another (default: ~1 minute's worth).")
     ] = None,
     array_parallelism: Annotated[int, Opt(help="Array tasks running at once (%K).")] = 64,
+    workers: Annotated[
+        int | None,
+        Opt(
+            help="An adaptive sweep: K workers (array tasks) that take members, --members-per-task at a "
+            "time, until none is left (method bayes: always, default 2)."
+        ),
+    ] = None,
     yes: Yes = False,
     pack: PackMode = "auto",
     max_pack: MaxPack = None,
@@ -234,16 +236,23 @@ def submit(
     from mnist_dist.sweep import array as sweep_slurm
 
     check_pack(pack, max_pack)
-    parsed, root, found = load_members(spec, opts, yes)
+    parsed, root, build, found, probe = load_members(spec, opts, yes)
     sopts = slurm_options_from(opts, parsed.name)
     log = (lambda *_: None) if as_json else print
-    packing = sweep_slurm.Packing(pack, max_pack, members_per_task)
-    out = sweep_slurm.submit(parsed, root, found, sopts, packing, array_parallelism, dry_run, log)
+    if parsed.method == "bayes" or workers is not None:
+        from mnist_dist.sweep import workers as sweep_workers
+
+        take = members_per_task
+        out = sweep_workers.submit(parsed, root, build, probe, sopts, workers or 2, take, dry_run, log)
+    else:
+        packing = sweep_slurm.Packing(pack, max_pack, members_per_task)
+        out = sweep_slurm.submit(parsed, root, found, sopts, packing, array_parallelism, dry_run, log)
     if dry_run:
         raise typer.Exit(dry_run_ends(out))
     elif as_json:
         print(json.dumps({"job_id": out["job_id"], "sweep_dir": str(root.absolute())}))
     else:
-        print(f"submitted job array {out['job_id']} ({out['tasks']} task(s)); sweep dir {root.absolute()}")
+        what = f"{out['tasks']} worker(s)" if out.get("workers") else f"{out['tasks']} task(s)"
+        print(f"submitted job array {out['job_id']} ({what}); sweep dir {root.absolute()}")
         print(f"  follow:  mnist-dist sweep status {out['job_id']} | mnist-dist sweep results {root}")
         print(f"  stop:    mnist-dist sweep cancel {out['job_id']}")

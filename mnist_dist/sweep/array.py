@@ -29,8 +29,9 @@ from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.results import progress
 from mnist_dist.sweep.spec import Member, Spec, read_manifest, write_manifest
-from mnist_dist.sweep.state import NO_RETRY, STATES, member_state, to_train
+from mnist_dist.sweep.state import FINAL, NO_RETRY, STATES, member_state, to_train
 from mnist_dist.sweep.target import reached
+from mnist_dist.sweep.workers import taken_by
 
 TASK_MINUTE_S = 60.0  # the default task trains about this long: Slurm's scheduling cost stays small
 # Planning estimates of the seed config on one CPU thread, to size tasks (SWEEP.md has the measures):
@@ -117,10 +118,6 @@ def submit(
         raise UserError(f"--members-per-task {packing.per_task}: from 1 to 100000")
     if not 1 <= parallelism <= 100_000:
         raise UserError(f"--array-parallelism {parallelism}: from 1 to 100000")
-    if spec.method == "bayes":
-        raise UserError(
-            "method bayes runs on this machine for now (`mnist-dist sweep run`); on SLURM use grid or random"
-        )
     root = root.absolute()
     warnings = slurm.preflight(opts, members[0].cfg, root, dry_run)
     todo = [m for m in members if to_train(member_state(m.run_dir), NO_RETRY)]
@@ -130,7 +127,10 @@ def submit(
     finished = reached(root, {"metric": spec.recorded_metric, "members": [{"id": m.id} for m in members]})
     nothing = None  # why a real submit would send nothing
     if not groups:
-        nothing = f"all {len(members)} members of sweep {spec.name} are done or failed; nothing to submit"
+        nothing = (
+            f"all {len(members)} members of sweep {spec.name} are finished (done, failed or terminated); "
+            "nothing to submit"
+        )
     elif finished is not None:
         nothing = f"sweep {spec.name}: {finished}; nothing to submit"
     if dry_run:
@@ -199,8 +199,10 @@ def status(target: str) -> dict[str, Any]:
         info["job_id"] = job["job_id"]
         info["tasks"] = []
         for index, ids in enumerate(job["tasks"]):
+            if job.get("workers"):  # an adaptive sweep's worker: the members it took so far
+                ids = taken_by(root, index)
             counts = Counter(states.get(i, "pending") for i in ids)
-            done = all(states.get(i) in ("done", "failed") for i in ids)
+            done = all(states.get(i) in FINAL for i in ids)
             info["tasks"].append(
                 {
                     "task": index,

@@ -57,21 +57,23 @@ def reachable(early_terminate: dict[str, Any], epochs: int) -> list[int]:
 @dataclass(frozen=True)
 class Decision:
     """A member stopped at `band` (an epoch): its `value` (the best so far, or with strict the value at
-    the band) is worse than `threshold`, from the values of `seen` members at that band."""
+    the band) is worse than `threshold`, from `values`: every member's value at that band, best first."""
 
     band: int
     threshold: float
     value: float
-    seen: int
+    values: tuple[float, ...]
 
     def record(self) -> dict[str, Any]:
+        """What run.json and the W&B summary say of it: the decision and the values it used."""
         return {
+            "rule": "hyperband",
             "band": self.band,
             "epoch": self.band,
-            "threshold": self.threshold,
             "value": self.value,
-            "members_at_band": self.seen,
-            "rule": "hyperband",
+            "threshold": self.threshold,
+            "members_at_band": len(self.values),
+            "values_at_band": list(self.values),
         }
 
 
@@ -107,7 +109,8 @@ def decide(
     with _quiet():
         stopped = {r.name for r in stop_runs(config, runs)}
     sign = -1.0 if maximize else 1.0
-    seen = sum(1 for r in runs if len(r.history) > band)
+    at_band = sorted(sign * r.history[band][name] for r in runs if len(r.history) > band)
+    values = tuple(sign * v for v in at_band)
     out = {}
     for r in runs:
         if r.state != RunState.running or len(r.history) <= band:
@@ -120,7 +123,7 @@ def decide(
         value = values[band] if early_terminate.get("strict") else min(values)
         stop = value > threshold if early_terminate.get("strict") else r.name in stopped
         if stop:
-            out[r.name] = Decision(band, sign * float(threshold), sign * float(value), seen)
+            out[r.name] = Decision(band, sign * float(threshold), sign * float(value), values)
     return out
 
 

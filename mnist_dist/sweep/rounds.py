@@ -20,7 +20,7 @@ from typing import Any
 from mnist_dist.sweep import engine
 from mnist_dist.sweep.layout import SweepDir
 from mnist_dist.sweep.spec import Member, Spec, read_manifest, write_manifest
-from mnist_dist.sweep.state import member_state
+from mnist_dist.sweep.state import FINAL, member_state
 from mnist_dist.sweep.target import curve, reached
 
 Build = Callable[[list[dict[str, Any]]], list[Member]]
@@ -37,7 +37,8 @@ def next_round(
 ) -> list[dict[str, Any]]:
     """The next `size` proposals (fewer at the run cap), given the finished members."""
     params = list(spec.parameters.values())
-    finished = [(m.params, curve(m.run_dir, spec.metric)) for m in found]
+    # a terminated member counts with its curve so far (as W&B gives a stopped run's history)
+    finished = [(m.params, curve(m.run_dir, spec.metric, done_only=False)) for m in found]
     out: list[dict[str, Any]] = []
     for _ in range(max(0, min(size, (spec.count or 0) - len(proposals)))):
         index = len(proposals) + len(out)
@@ -57,11 +58,11 @@ def run_rounds(
     while True:
         found = build(proposals)
         write_manifest(root, spec, found, proposals=proposals, rounds=rounds, run_cap=spec.count)
-        left = [m for m in found if member_state(m.run_dir) not in ("done", "failed")]
+        left = [m for m in found if member_state(m.run_dir) not in FINAL]
         if left:
             log(f"round {len(rounds)}: {len(left)} member(s) to train")
             totals.update(train(left))
-            if any(member_state(m.run_dir) not in ("done", "failed") for m in left):
+            if any(member_state(m.run_dir) not in FINAL for m in left):
                 break  # held elsewhere or stopped: the next run goes on from here
             continue
         finish = reached(root)

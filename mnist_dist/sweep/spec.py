@@ -291,6 +291,22 @@ def members(
     return out
 
 
+@dataclass
+class Builder:
+    """The members of given swept values (a bayes sweep's proposals; None: the spec's combinations),
+    as `members` builds them from the spec, the options and `--set`s: plain data, so the workers of an
+    adaptive sweep on SLURM build members as the CLI does."""
+
+    spec: Spec
+    root: Path
+    overrides: dict[str, Any]
+    sets: list[str] | None = None
+    confirm: bool = False
+
+    def __call__(self, combos: list[dict[str, Any]] | None = None) -> list[Member]:
+        return members(self.spec, self.root, self.overrides, self.sets, self.confirm, combos)
+
+
 def write_manifest(root: Path, spec: Spec, found: list[Member], **extra: Any) -> None:
     """sweep.json: what `status` and `results` read (no need of the spec file afterwards)."""
     from mnist_dist.store.atomic import write_atomic
