@@ -312,3 +312,43 @@ def test_workers_take_disjoint_members_and_run_cap_holds_across_them(tmp_path: P
     workers.lease_file(root).write_text(json.dumps({k: v - 1000 for k, v in leases.items()}))
     again = [m.id for m in worker.next_members(said.append)]
     assert again == taken[0], "a worker that never claimed its members gives them up when its lease ends"
+
+
+def test_members_leave_a_pack_exactly_while_a_steps_graph_is_alive():
+    """MnistPack.keep + MemberSGD.keep, no training data: after one step of a pack of 4 (two seeds),
+    with that step's graph still referenced (as a traceback or a cycle may hold it), members 0 and 3
+    leave; the next step works and gives each survivor bitwise what a pack of only the survivors gives."""
+    import torch
+
+    from mnist_dist.train.member_sgd import MemberSGD
+    from mnist_dist.train.model import MnistPack
+
+    torch.set_num_threads(1)
+    x, y = torch.rand(7, 784), torch.randint(0, 10, (7,))
+
+    def step(pack: MnistPack, opt: MemberSGD) -> torch.Tensor:
+        loss = pack.training_step(pack(x), y)
+        loss.backward(torch.ones(len(pack)))
+        opt.update()
+        opt.clear()
+        return loss
+
+    def make(seeds: list[int], lrs: list[float]) -> tuple[MnistPack, MemberSGD]:
+        pack = MnistPack.seeded(seeds, 32)
+        per, start = [], 0
+        for size in pack.sizes:
+            per.append(torch.tensor(lrs[start : start + size]))
+            start += size
+        return pack, MemberSGD(pack.member_parameters(), per)
+
+    pack, opt = make([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
+    held = step(pack, opt)  # its graph stays alive
+    opt.keep(pack.keep([1, 2]), pack.member_parameters())
+    step(pack, opt)
+    assert held.shape == (4,) and pack.sizes == [1, 1] and pack.group_seeds == [0, 1]
+    alone, alone_opt = make([0, 1], [0.2, 0.3])
+    step(alone, alone_opt)
+    step(alone, alone_opt)
+    for i in range(2):
+        mine, theirs = pack.member_state_dict(i), alone.member_state_dict(i)
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), f"member {i} bitwise its pack of survivors"

@@ -253,7 +253,7 @@ class Engine(Processes):
         after cost only the others, each computed as before; `batches` draw for the groups left."""
         keep = [i for i in range(len(self.core)) if i not in set(members)]
         per_group = self.core.keep(keep)
-        self.optimizer.optimizer.keep(per_group)
+        self.optimizer.optimizer.keep(per_group, self.core.member_parameters())
         self.loss_grad = self.loss_grad[keep].clone()
         for b in batches:
             b.seeds = tuple(self.core.group_seeds)

@@ -53,14 +53,16 @@ class MemberSGD(torch.optim.Optimizer):
                 self._params.append((p, rows, first, lr.numel()))
             first += lr.numel()
 
-    def keep(self, per_group: list[list[int]]) -> None:
+    def keep(self, per_group: list[list[int]], params: list[list[torch.nn.Parameter]]) -> None:
         """Only these members stay (per group, the indices within it that stay; an empty list drops
-        the group): their lrs, for the parameters that now hold only their rows (MnistPack.keep)."""
+        the group): their lrs, for `params`, the groups' parameters left, holding only their rows
+        (MnistPack.keep). Plain SGD keeps no state per parameter, so nothing else moves."""
         groups = []
-        for group, local in zip(self.param_groups, per_group, strict=True):
-            if local:
-                group["lr"] = group["lr"][local].clone()
-                groups.append(group)
+        kept = [group for group, local in zip(self.param_groups, per_group, strict=True) if local]
+        for group, local, new in zip(kept, [g for g in per_group if g], params, strict=True):
+            group["lr"] = group["lr"][local].clone()
+            group["params"] = list(new)
+            groups.append(group)
         self.param_groups = groups
         self._shape_lrs()
 

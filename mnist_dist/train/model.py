@@ -53,12 +53,14 @@ class _Group(nn.Module):
         return member_linear(hidden, self.w2, self.b2, k, False, batched)
 
     def keep(self, local: list[int]) -> None:
-        """Only the members `local` (indices within the group, in order) stay: each parameter's rows
-        become theirs, in place (the same Parameter objects, so the optimizer and Accelerate keep them)."""
+        """Only the members `local` (indices within the group, in order) stay: each parameter becomes
+        a new Parameter of their rows. New, not resized in place: autograd keeps each leaf's shape in
+        its gradient accumulator, which outlives a step while anything holds that step's graph."""
         k = self.size
-        for p in self.parameters():
-            p.grad = None
-            p.data = p.data.view(k, -1)[local].reshape(-1, *p.shape[1:])
+        for name in ("w1", "b1", "w2", "b2"):
+            p = getattr(self, name)
+            rows = p.detach().view(k, -1)[local].reshape(-1, *p.shape[1:])
+            setattr(self, name, nn.Parameter(rows))
         self.size = len(local)
 
     def member(self, at: int) -> dict[str, torch.Tensor]:
