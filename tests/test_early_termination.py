@@ -288,9 +288,10 @@ def test_an_adaptive_sweep_on_slurm_is_workers_without_a_server(
     )
 
 
-def test_workers_take_disjoint_members_and_run_cap_holds_across_them(tmp_path: Path):
-    """The proposal lock and the leases, without Slurm: each call (a worker) gets members no other
-    worker was given, bayes proposes up to run_cap in all, and a lease that ran out is given again."""
+def test_workers_take_disjoint_members_and_run_cap_holds_across_them(tmp_path: Path, monkeypatch):
+    """The proposal lock and the leases, without Slurm: each worker (array task) gets members no other
+    worker was given, bayes proposes up to run_cap in all, a requeued worker finds its own members, and
+    a lease that ran out is given to another."""
     from mnist_dist.sweep import spec as sweeps
     from mnist_dist.sweep import workers
 
@@ -304,12 +305,18 @@ def test_workers_take_disjoint_members_and_run_cap_holds_across_them(tmp_path: P
     sweeps.write_manifest(root, spec, [], proposals=[], run_cap=5)
     worker = workers.SweepWorker(sweeps.Builder(spec, root, {}), str(tmp_path), take=2)
     said: list[str] = []
-    taken = [[m.id for m in worker.next_members(said.append)] for _ in range(4)]
+    taken = []
+    for task in range(4):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+        taken.append([m.id for m in worker.next_members(said.append)])
     assert [len(t) for t in taken] == [2, 2, 1, 0], taken
     assert len({i for t in taken for i in t}) == 5 and len(load_json(root / "sweep.json")["proposals"]) == 5
     assert said[-1] == "proposed 1 member(s): 5 of 5"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    assert [m.id for m in worker.next_members(said.append)] == taken[0], "requeued: its own members"
     leases = load_json(workers.lease_file(root))
-    workers.lease_file(root).write_text(json.dumps({k: v - 1000 for k, v in leases.items()}))
+    workers.lease_file(root).write_text(json.dumps({k: [t, u - 1000] for k, (t, u) in leases.items()}))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "9")
     again = [m.id for m in worker.next_members(said.append)]
     assert again == taken[0], "a worker that never claimed its members gives them up when its lease ends"
 

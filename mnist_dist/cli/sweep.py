@@ -242,8 +242,8 @@ def submit(
     if parsed.method == "bayes" or workers is not None:
         from mnist_dist.sweep import workers as sweep_workers
 
-        take = members_per_task
-        out = sweep_workers.submit(parsed, root, build, probe, sopts, workers or 2, take, dry_run, log)
+        k = 2 if workers is None else workers
+        out = sweep_workers.submit(parsed, root, build, probe, sopts, k, members_per_task, dry_run, log)
     else:
         packing = sweep_slurm.Packing(pack, max_pack, members_per_task)
         out = sweep_slurm.submit(parsed, root, found, sopts, packing, array_parallelism, dry_run, log)

@@ -43,13 +43,22 @@ def lease_file(root: Path) -> Path:
     return SweepDir(root).root / "workers" / "leases.json"
 
 
-def _leases(root: Path) -> dict[str, float]:
-    """Member id: until when a worker holds it before its lock (read under the proposal lock)."""
+def _leases(root: Path) -> dict[str, list]:
+    """Member id: [the worker it was handed to, until when] (read under the proposal lock)."""
     try:
         found = json.loads(lease_file(root).read_text())
     except (OSError, ValueError):
         return {}
-    return {k: float(v) for k, v in found.items()} if isinstance(found, dict) else {}
+    return (
+        {k: v for k, v in found.items() if isinstance(v, list) and len(v) == 2}
+        if isinstance(found, dict)
+        else {}
+    )
+
+
+def worker_id() -> str:
+    """This worker: its array task (the same after a requeue), or this process off Slurm."""
+    return os.environ.get("SLURM_ARRAY_TASK_ID") or f"pid-{os.getpid()}"
 
 
 def default_take(run_cap: int, workers: int) -> int:
@@ -87,23 +96,24 @@ class SweepWorker(Checkpointable):
 
     def next_members(self, log: Any = print) -> list[Member]:
         """The next members to train (empty: nothing left), chosen under the proposal lock and leased
-        for LEASE_S seconds: time enough to claim their run dirs' locks, so that no other worker takes
-        them first (a worker that dies before it claims them gives them up when the lease ends)."""
+        to this worker for LEASE_S seconds: time enough to claim their run dirs' locks, so that no other
+        worker takes them first (a worker that dies before it claims them gives them up when the lease
+        ends; requeued, it finds its own leases)."""
         from mnist_dist.sweep.local import resumable
 
         spec, root = self.build.spec, self.build.root
         with proposal_lock(root):
-            leases = _leases(root)
+            leases, me, now = _leases(root), worker_id(), time.time()
             manifest = read_manifest(root)
             proposals = list(manifest.get("proposals", [])) if spec.method == "bayes" else None
             found = self.members(proposals)
 
+            def mine_to_take(m: Member) -> bool:
+                holder, until = leases.get(m.id, [me, 0.0])
+                return (holder == me or until < now) and to_train(member_state(m.run_dir), NO_RETRY)
+
             def free() -> list[Member]:
-                return [
-                    m
-                    for m in found
-                    if to_train(member_state(m.run_dir), NO_RETRY) and leases.get(m.id, 0) < time.time()
-                ]
+                return [m for m in found if mine_to_take(m)]
 
             chosen = next(iter(resumable(found, free())), None)  # a preempted worker's pack, whole
             if chosen is None:
@@ -118,8 +128,8 @@ class SweepWorker(Checkpointable):
                         write_manifest(root, spec, found, proposals=proposals, run_cap=spec.count)
                         log(f"proposed {len(new)} member(s): {len(proposals)} of {spec.count}")
                 chosen = free()[: self.take]
-            until = time.time() + LEASE_S
-            leases = {k: v for k, v in leases.items() if v > time.time()} | {m.id: until for m in chosen}
+            leases = {k: v for k, v in leases.items() if v[1] > now and v[0] != me}
+            leases |= {m.id: [me, now + LEASE_S] for m in chosen}
             write_atomic(lease_file(root), json.dumps(leases) + "\n")
             return chosen
 
