@@ -109,8 +109,9 @@ def decide(
     with _quiet():
         stopped = {r.name for r in stop_runs(config, runs)}
     sign = -1.0 if maximize else 1.0
-    at_band = sorted(sign * r.history[band][name] for r in runs if len(r.history) > band)
-    values = tuple(sign * v for v in at_band)
+    at_band = tuple(
+        sorted((r.history[band][name] for r in runs if len(r.history) > band), key=lambda v: sign * v)
+    )
     out = {}
     for r in runs:
         if r.state != RunState.running or len(r.history) <= band:
@@ -119,11 +120,11 @@ def decide(
         threshold = dict(zip(info.get("bands", []), info.get("thresholds", []), strict=False)).get(band)
         if threshold is None:
             continue
-        values = [sign * h[name] for h in r.history]
-        value = values[band] if early_terminate.get("strict") else min(values)
+        mine = [sign * h[name] for h in r.history]  # the engine's way: smaller is better
+        value = mine[band] if early_terminate.get("strict") else min(mine)
         stop = value > threshold if early_terminate.get("strict") else r.name in stopped
         if stop:
-            out[r.name] = Decision(band, sign * float(threshold), sign * float(value), values)
+            out[r.name] = Decision(band, sign * float(threshold), sign * float(value), at_band)
     return out
 
 
