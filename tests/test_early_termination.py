@@ -1,11 +1,11 @@
-"""Early termination inside packs, on real processes (and an adaptive sweep on the local Slurm cluster,
-last): a 2 x 2 x 2 grid (phase-1 lr 0.05/1.5 x phase-2
-lr 0.1/0.5 x seeds) with W&B's `early_terminate: {type: hyperband, min_iter: 1, eta: 3}` over 4
-epochs (bands 1 and 3), two pack processes of 4 that meet at each band. The members stopped, and
-where, are what W&B's engine decides when this test replays the recorded histories band by band
+"""Early termination inside packs, on real processes: a 2 x 2 x 2 grid (phase-1 lr 0.05/1.5 x
+phase-2 lr 0.1/0.5 x seeds) with W&B's `early_terminate: {type: hyperband, min_iter: 1, eta: 3}`
+over 4 epochs (bands 1 and 3), two pack processes of 4 that meet at each band. The members stopped,
+and where, are what W&B's engine decides when this test replays the recorded histories band by band
 itself; every member is bitwise its run without early termination (`--pack off`) up to where it
 stopped; the packs shrink; a rerun trains nothing; a kill -9 mid-way and a rerun stop the same
-members and end bitwise the same; `--retry-terminated` trains them to the end."""
+members and end bitwise the same; `--retry-terminated` trains them to the end. And an adaptive sweep
+on the local Slurm cluster: workers without a server, one preempted and requeued."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ UNREACHABLE = re.compile(
     r"could not establish a configuration source|zero bytes were transmitted",
     re.IGNORECASE,
 )
+DROPPED = re.compile(r"zero bytes were transmitted", re.IGNORECASE)  # transient: asked again
 
 
 class Unreachable(UserError):
@@ -75,19 +77,28 @@ def run(cmd: list[str], timeout: float | None = None) -> subprocess.CompletedPro
     """`cmd`'s answer, whatever its exit code; Unreachable when it is missing, hangs (past
     `timeout`, default timeout_s()), or says the controller cannot be contacted."""
     timeout = timeout_s() if timeout is None else timeout
+    for attempt in range(3):
+        proc = _answer(cmd, timeout)
+        said = (proc.stderr or "").strip()
+        # A connection the controller dropped (it is starting, or was busy): asked again, twice.
+        if proc.returncode == 0 or not DROPPED.search(said) or attempt == 2:
+            break
+        time.sleep(1.0)
+    if proc.returncode != 0 and UNREACHABLE.search(said):
+        first = said.splitlines()[0].removeprefix(f"{cmd[0]}: ").strip()
+        raise Unreachable(f"{_nobody()} ({cmd[0]}: {first}); {_then()}")
+    return proc
+
+
+def _answer(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise Unreachable(f"{cmd[0]} not found: {ON_A_LOGIN_NODE}") from None
     except subprocess.TimeoutExpired:
         raise Unreachable(f"{_nobody()} ({cmd[0]} timed out after {timeout:g} s); {_then()}") from None
     except OSError as e:
         raise Unreachable(f"{cmd[0]} could not be run: {e}") from None
-    said = (proc.stderr or "").strip()
-    if proc.returncode != 0 and UNREACHABLE.search(said):
-        first = said.splitlines()[0].removeprefix(f"{cmd[0]}: ").strip()
-        raise Unreachable(f"{_nobody()} ({cmd[0]}: {first}); {_then()}")
-    return proc
 
 
 @dataclass(frozen=True)
