@@ -243,3 +243,21 @@ SECRETS = {
     "DB_ACCESS_TOKEN": "tok-slurm-5e4d3c2b1a",
     "S3_SECRET": "s3-secret-31337",
 }
+
+
+def pack_processes(root: Path) -> list[int]:
+    """The pids of the live pack processes of the sweep in `root` (or of the pack dir `root`)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if (
+            b"mnist_dist.sweep.pack_process" in argv
+            and any(str(root).encode() in a for a in argv)
+            and state != "Z"
+        ):
+            found.append(int(entry.name))
+    return found

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_json, ok, run_cli, without_seconds
+from conftest import ROOT, load_json, ok, pack_processes, run_cli, without_seconds
 
 SHARED = pytest.mark.xdist_group("early-termination")  # one worker for the tests that share the sweeps
 
@@ -34,7 +34,6 @@ parameters:
   phases.1.lr: {{values: [0.1, 0.5]}}
   seed: {{values: [0, 1]}}
 """
-PACK_PROCESS = "mnist_dist.sweep.pack_process"
 
 
 def _spec(where: Path, early: bool = True) -> Path:
@@ -141,19 +140,6 @@ def test_each_member_is_bitwise_its_run_without_early_termination_and_the_packs_
     assert "0 trained, 8 skipped" in again.stdout, "a rerun trains nothing"
 
 
-def _pack_processes(root: Path) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if PACK_PROCESS.encode() in argv and any(str(root).encode() in a for a in argv) and state != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 @SHARED
 def test_a_kill_mid_way_and_a_rerun_stop_the_same_members_bitwise(
     sweeps: tuple[Path, Path, str], tmp_path: Path, data_env: dict
@@ -173,7 +159,7 @@ def test_a_kill_mid_way_and_a_rerun_stop_the_same_members_bitwise(
     while not list(root.glob("packs/*/checkpoints/epoch-0002/progress.json")):  # past band 1
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended too soon"
         time.sleep(0.02)
-    packs = _pack_processes(root)
+    packs = pack_processes(root)
     assert len(packs) == 2
     for pid in packs:  # what trains, first: else the runner's death would let them save and stop
         os.kill(pid, signal.SIGKILL)

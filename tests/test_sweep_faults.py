@@ -17,9 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SWEEP_PHASES, load_json, mount_tmpfs, ok, run_cli, run_history, sweep_file
-
-PACK_PROCESS = "mnist_dist.sweep.pack_process"
+from conftest import (
+    ROOT,
+    SWEEP_PHASES,
+    load_json,
+    mount_tmpfs,
+    ok,
+    pack_processes,
+    run_cli,
+    run_history,
+    sweep_file,
+)
 
 
 def _args(spec: Path, root: Path, *extra: str) -> list[str]:
@@ -60,20 +68,6 @@ def _first_checkpoint(root: Path, proc: subprocess.Popen) -> Path:
         ]
 
     return _until(saved, proc)[0].parents[2]
-
-
-def _pack_processes(root: Path) -> list[int]:
-    """The pids of the live pack processes of the sweep in `root` (or of the pack dir `root`)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if PACK_PROCESS.encode() in argv and any(str(root).encode() in a for a in argv) and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def _members(root: Path) -> list[str]:
@@ -160,7 +154,7 @@ def test_a_stop_reaches_every_pack_once_each_saves_and_the_rerun_is_bitwise(
     root, spec = tmp_path / "tiny", sweep_file(tmp_path)
     proc = _start(spec, root, data_env, *extra)
     _first_checkpoint(root, proc)
-    assert len(_pack_processes(root)) == 2
+    assert len(pack_processes(root)) == 2
     os.killpg(
         proc.pid, sig
     )  # as a terminal's Ctrl-C or a scheduler: the pack processes have sessions of their own
@@ -172,7 +166,7 @@ def test_a_stop_reaches_every_pack_once_each_saves_and_the_rerun_is_bitwise(
     assert len(started) == (2 if extra else 4), "the packs not started yet stay pending"
     assert {load_json(root / "members" / m / "run.json")["status"] for m in started} == {"preempted"}
     assert not list(root.glob("members/*/history.json")), "training was interrupted"
-    assert not _pack_processes(root)
+    assert not pack_processes(root)
     again = ok(run_cli(*_args(spec, root, *extra), env=data_env))
     assert again.stdout.count("resuming from") == 2
     _assert_bitwise(root, reference)
@@ -189,9 +183,9 @@ def test_a_kill_leaves_no_pack_process_and_the_rerun_trains_the_rest(
     waiting = ["--max-pack", "1"] if killed.endswith("packs waiting") else []  # 4 packs of one, 2 at once
     proc = _start(spec, root, data_env, *waiting)
     saved = _first_checkpoint(root, proc)
-    assert len(_pack_processes(root)) == 2
+    assert len(pack_processes(root)) == 2
     if killed.startswith("one pack process"):  # without waiting packs: the one with a checkpoint
-        os.kill(_pack_processes(root if waiting else saved)[0], signal.SIGKILL)
+        os.kill(pack_processes(root if waiting else saved)[0], signal.SIGKILL)
         _, err = proc.communicate(timeout=120)  # no new pack starts; the runner ends once the other did
         assert proc.returncode == 1 and "was killed by SIGKILL; its members resume" in err, err
     else:  # the OOM killer, a crashed login shell: nothing of the runner runs on
@@ -200,7 +194,7 @@ def test_a_kill_leaves_no_pack_process_and_the_rerun_trains_the_rest(
         else:
             os.kill(proc.pid, signal.SIGKILL)
         proc.communicate()
-        _until(lambda: not _pack_processes(root), timeout=5)  # each ends itself, saving
+        _until(lambda: not pack_processes(root), timeout=5)  # each ends itself, saving
         assert not list(root.glob("members/*/history.json")), "training was interrupted"
     again = ok(run_cli(*_args(spec, root, *waiting), env=data_env))
     assert "resuming from" in again.stdout or waiting  # (a pack of one killed before its first save)

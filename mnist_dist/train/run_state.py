@@ -255,12 +255,12 @@ class RunState:
         for member, _ in entries:
             member.terminated = decided.get(member.id, member.terminated)
         self.pack["sizes"] = pack_sizes(self.members)
-        gone = []
+        gone, facts = [], self.engine.end_facts()
         for member, entry in entries:
             if member.id in decided:
                 member.record(entry)
                 i = self.live.index(member)
-                member.info.update(self.engine.end_facts()[i])
+                member.info.update(facts[i])
                 member.terminate(decided[member.id], self.engine.state_dict(i), self.elapsed())
                 gone.append(i)
         ids = " ".join(self.live[i].id for i in gone)
