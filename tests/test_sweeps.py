@@ -228,6 +228,15 @@ def test_results_table_files_and_plots(local_sweep: tuple[Path, subprocess.Compl
     assert status["counts"]["done"] == 4 and status["members"] == 4
 
 
+def test_the_curves_figure_draws_a_sweep_that_sweeps_nothing(tmp_path: Path):
+    """A sweep of one value (`seed: {values: [0]}`) has no swept key: one colour, not a crash."""
+    from mnist_dist.store.plots import sweep_curves
+
+    history = [{"epoch": e, "phase": 0, "val_acc": 0.1 * e, "val_loss": 2.0 - 0.1 * e} for e in range(3)]
+    path = sweep_curves(tmp_path / "curves.png", [{"id": "a"}, {"id": "b"}], {"a": history, "b": history}, [])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_rerun_trains_nothing(
     local_sweep: tuple[Path, subprocess.CompletedProcess], tmp_path: Path, data_env: dict
 ):

@@ -77,7 +77,7 @@ def sweep_curves(
         )
         colour = {r["id"]: cmap(norm(r[key])) for r in table}
     else:
-        labels = sorted({json.dumps(v) for v in values})
+        labels = sorted({json.dumps(r.get(key)) for r in table})  # no key swept: one colour
         colour = {
             r["id"]: cmap(labels.index(json.dumps(r.get(key))) / max(1, len(labels) - 1)) for r in table
         }
