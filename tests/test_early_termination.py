@@ -124,6 +124,8 @@ def test_each_member_is_bitwise_its_run_without_early_termination_and_the_packs_
         mine, reference = _entries(root / "members" / mid), _entries(full / "members" / mid)
         assert mine == reference[: len(mine)], mid
         assert len(mine) == (stopped[mid] + 1 if mid in stopped else 5), mid
+        # Stopped or not, a member ends with its plots (a stopped one's drawn when its pack ends).
+        assert (root / "members" / mid / "loss.png").read_bytes()[:4] == b"\x89PNG", mid
     sizes = {}
     for mid in _members(root):
         pack = load_json(root / "members" / mid / "run.json")["pack"]

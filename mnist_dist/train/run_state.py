@@ -89,11 +89,11 @@ class Member:
 
     def terminate(self, decision: dict[str, Any], weights: dict[str, Any], seconds: float) -> None:
         """Early termination stopped it after its last recorded epoch: its run ends here with what a
-        finished run has (history, weights, plots), run.json and the tracker's summary saying so."""
+        finished run has (history, weights), run.json and the tracker's summary saying so. Its plots
+        wait for the pack's end (RunState.finish): drawing them here would stall the survivors."""
         self.terminated = decision
         self.out.write_history(self.history)
         self.out.save_weights(weights, self.cfg)
-        self.out.plot(self.history)
         self.tracker.summarize({"early_terminate": decision, "state": TERMINATED})
         self.tracker.close()
         self.info["train_seconds"] = seconds
@@ -305,7 +305,9 @@ class RunState:
             member.info["train_seconds"] = seconds
             member.out.write_history(member.history)
             member.out.save_weights(self.engine.state_dict(i), member.cfg)
-        plot_all([(member.out, member.history) for _, member in finished], usable_cpus())
+        unplotted = [m for m in self.members if m.terminated and not (m.run_dir / "loss.png").exists()]
+        drawn = [member for _, member in finished] + unplotted
+        plot_all([(member.out, member.history) for member in drawn], usable_cpus())
         for _, member in finished:
             member.info.update(status="completed", end_time=provenance.now())
             member.out.write_run_info(member.info)
