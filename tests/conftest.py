@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 SLURM_FILES = ("tests/test_bad_input.py",)  # asks the controller (rows refused before sbatch)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which turns the marks into the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The tests that use the local Slurm cluster run on one worker, in order: they share its two
     nodes, and the last of test_slurm.py stops and starts it."""
@@ -55,7 +56,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """On a worker, every grouped test's node id carries its group (the check of what the version
     check above assumes): else the run stops instead of silently running groups apart."""
-    if not (os.environ.get("PYTEST_XDIST_WORKER") and session.config.getvalue("loadgroup")):
+    if not (os.environ.get("PYTEST_XDIST_WORKER") and getattr(session.config.option, "loadgroup", False)):
         return
     lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
     if lost:
