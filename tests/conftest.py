@@ -34,33 +34,31 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
-XDIST_GROUPS_LOST = (
-    "pytest-xdist did not group {what}: pytest 9.2 made its group suffix a no-op (pytest-dev/"
-    "pytest-xdist#1386), so grouped tests would spread over both workers: two on the one Slurm "
-    "cluster at once, each worker building the shared sweeps again; install pytest<9.2 (bash "
-    "launch/setup.sh, pyproject.toml pins it)"
-)
-
-
 def pytest_configure(config: pytest.Config) -> None:
-    """`--dist loadgroup` with a pytest whose node ids xdist cannot suffix: one line, before any test."""
+    """`--dist loadgroup` under pytest 9.2, whose node ids pytest-xdist 3.8 cannot suffix with their
+    group (pytest-dev/pytest-xdist#1386): the groups would silently spread over both workers (two
+    tests on the one Slurm cluster at once, the shared sweeps built on each). One line, no test."""
     from packaging.version import Version
 
-    if config.getvalue("dist") == "loadgroup" and Version(pytest.__version__) >= Version("9.2"):
+    if getattr(config.option, "dist", None) == "loadgroup" and Version(pytest.__version__) >= Version("9.2"):
         import xdist
 
         if Version(xdist.__version__) <= Version("3.8.0"):
-            raise pytest.UsageError(XDIST_GROUPS_LOST.format(what=f"under pytest {pytest.__version__}"))
+            raise pytest.UsageError(
+                f"pytest {pytest.__version__} breaks pytest-xdist's test groups "
+                "(pytest-dev/pytest-xdist#1386): "
+                "install pytest<9.2, as pyproject.toml asks (bash launch/setup.sh)"
+            )
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """On a worker, every grouped test's node id carries its group (the check of what the version
-    check above assumes): else the run stops instead of silently running groups apart."""
+    """On a worker, every grouped test's node id carries its group (xdist's suffix, which its
+    scheduler groups by): else the run stops instead of running the groups apart."""
     if not (os.environ.get("PYTEST_XDIST_WORKER") and getattr(session.config.option, "loadgroup", False)):
         return
     lost = [i.nodeid for i in session.items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid]
     if lost:
-        raise pytest.UsageError(XDIST_GROUPS_LOST.format(what=f"{len(lost)} tests (first: {lost[0]})"))
+        raise pytest.UsageError(f"pytest-xdist did not group {len(lost)} marked tests (first: {lost[0]})")
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
