@@ -289,3 +289,31 @@ def pack_processes(root: Path) -> list[int]:
         ):
             found.append(int(entry.name))
     return found
+
+
+def hyperband_replay(histories: dict[str, list[float]], bands: list[int], eta: int) -> dict[str, int]:
+    """What W&B's engine stops, run by the test itself: at each band, every member's `val_acc` so far
+    (member id: the values at epochs 0, 1, ...), those stopped before as finished runs; each stopped
+    member and its band."""
+    from sweeps import RunState, SweepRun, stop_runs
+
+    config = {
+        "method": "grid",
+        "metric": {"name": "val_acc", "goal": "maximize"},
+        "early_terminate": {"type": "hyperband", "min_iter": bands[0], "eta": eta},
+        "parameters": {"x": {"value": 0}},
+    }
+    alive, stopped = set(histories), {}
+    for band in bands:
+        runs = [
+            SweepRun(
+                name=mid,
+                state=RunState.running if mid in alive else RunState.finished,
+                sampledHistory=[{"val_acc": v} for v in values[: band + 1]],
+            )
+            for mid, values in histories.items()
+        ]
+        for run in stop_runs(config, runs):
+            stopped[run.name] = band
+            alive.discard(run.name)
+    return stopped

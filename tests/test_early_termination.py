@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_json, ok, pack_processes, run_cli, without_seconds
+from conftest import ROOT, hyperband_replay, load_json, ok, pack_processes, run_cli, without_seconds
 
 SHARED = pytest.mark.xdist_group("early-termination")  # one worker for the tests that share the sweeps
 
@@ -78,30 +78,11 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> tuple[Pa
 
 @SHARED
 def test_the_members_stopped_are_those_wandbs_engine_decides(sweeps: tuple[Path, Path, str]):
-    from sweeps import RunState, SweepRun, stop_runs
-
     root, _, out = sweeps
     assert "2 member(s) in" not in out and "pack pack-" in out, "two pack processes"
     histories = {mid: [e["val_acc"] for e in _entries(root / "members" / mid)] for mid in _members(root)}
-    config = {
-        "method": "grid",
-        "metric": {"name": "val_acc", "goal": "maximize"},
-        "early_terminate": {"type": "hyperband", "min_iter": 1, "eta": 3},
-        "parameters": {"x": {"value": 0}},
-    }
-    alive, expected = set(histories), {}
-    for band in (1, 3):  # what W&B's engine sees at each band: every member's values so far
-        runs = [
-            SweepRun(
-                name=mid,
-                state=RunState.running if mid in alive else RunState.finished,
-                sampledHistory=[{"val_acc": v} for v in values[: band + 1]],
-            )
-            for mid, values in histories.items()
-        ]
-        for run in stop_runs(config, runs):
-            expected[run.name] = band
-            alive.discard(run.name)
+    expected = hyperband_replay(histories, bands=[1, 3], eta=3)
+    alive = set(histories) - set(expected)
     assert expected and alive, f"the grid stops some members and keeps others: {expected}"
     assert _stopped(root) == expected
     for mid, band in expected.items():
@@ -311,9 +292,11 @@ def test_workers_take_disjoint_members_and_run_cap_holds_across_them(tmp_path: P
 
 
 def test_members_leave_a_pack_exactly_while_a_steps_graph_is_alive():
-    """MnistPack.keep + MemberSGD.keep, no training data: after one step of a pack of 4 (two seeds),
-    with that step's graph still referenced (as a traceback or a cycle may hold it), members 0 and 3
-    leave; the next step works and gives each survivor bitwise what a pack of only the survivors gives."""
+    """MnistPack.keep/relayout + MemberSGD.regroup, no training data: after one step of a pack of 4
+    (two seeds), with that step's graph still referenced (as a traceback or a cycle may hold it),
+    members 0 and 3 leave; the next step works and gives each survivor bitwise what a pack of only the
+    survivors gives. Then a member of another pack joins (seed 1: it merges into the seed-1 group)
+    and every member steps on bitwise as in the pack it came from."""
     import torch
 
     from mnist_dist.train.member_sgd import MemberSGD
@@ -339,7 +322,8 @@ def test_members_leave_a_pack_exactly_while_a_steps_graph_is_alive():
 
     pack, opt = make([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
     held = step(pack, opt)  # its graph stays alive
-    opt.keep(pack.keep([1, 2]), pack.member_parameters())
+    pack.keep([1, 2])
+    opt.regroup(pack.member_parameters(), [torch.tensor([0.2]), torch.tensor([0.3])])
     step(pack, opt)
     assert held.shape == (4,) and pack.sizes == [1, 1] and pack.group_seeds == [0, 1]
     alone, alone_opt = make([0, 1], [0.2, 0.3])
@@ -348,3 +332,14 @@ def test_members_leave_a_pack_exactly_while_a_steps_graph_is_alive():
     for i in range(2):
         mine, theirs = pack.member_state_dict(i), alone.member_state_dict(i)
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), f"member {i} bitwise its pack of survivors"
+
+    other, other_opt = make([1, 2], [0.5, 0.6])
+    step(other, other_opt)
+    pack.relayout([pack.member_state_dict(i) for i in range(2)] + [other.member_state_dict(0)], [0, 1, 1])
+    opt.regroup(pack.member_parameters(), [torch.tensor([0.2]), torch.tensor([0.3, 0.5])])
+    assert pack.sizes == [1, 2] and pack.group_seeds == [0, 1]
+    step(pack, opt), step(alone, alone_opt), step(other, other_opt)
+    before = [alone.member_state_dict(0), alone.member_state_dict(1), other.member_state_dict(0)]
+    for i, theirs in enumerate(before):
+        mine = pack.member_state_dict(i)
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), f"member {i} bitwise where it came from"

@@ -47,6 +47,9 @@ class MemberPart(TypedDict):
     tracker_run_id: str | None
     failure: str | None  # why its loss stopped being finite; None while it trains
     terminated: NotRequired[dict[str, Any] | None]  # early termination's decision: it left the pack
+    moved: NotRequired[dict[str, Any] | None]  # it went on in another pack: after_epoch, to
+    joined: NotRequired[dict[str, Any] | None]  # it came from another pack: after_epoch, from
+    config: NotRequired[dict[str, Any]]  # a member that joined: its config (the pack's own are in configs)
 
 
 @dataclass

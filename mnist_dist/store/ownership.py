@@ -210,6 +210,22 @@ class RunLock:
         self._start_refresh()
         return self
 
+    def take_over(self, giver: int | None) -> RunLock:
+        """Take over the lock of a member that moved into this process's pack from a sibling (the
+        `giver`'s pid, or any process this one's parent started: the packs of one `sweep run`), from
+        that parent (which claimed it), or free or stale; UserError when another run holds it."""
+        found = _read(self.path)
+        ours = os.getppid()
+        if found is not None and not _stale(self.path, found, self.limit):
+            pid = found.get("pid")
+            family = isinstance(pid, int) and (pid in (giver, ours) or _stat(pid)[1:2] == [str(ours)])
+            if found.get("host") != provenance.host() or not family:
+                raise Held(f"{self.run_dir} is being written by another run: {describe(found)}")
+        private_dir(self.run_dir)
+        write_atomic(self.path, json.dumps(self._record(), indent=1) + "\n", mode=0o600)
+        self._start_refresh()
+        return self
+
     def hand_over(self) -> None:
         """Stop refreshing: the process this lock was claimed for adopts it. `release()` afterwards
         removes it only if that process never did."""

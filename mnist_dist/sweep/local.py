@@ -22,7 +22,6 @@ runner dies: no pack trains on as an orphan of a killed `sweep run`.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -37,6 +36,7 @@ from mnist_dist.config import TrainConfig
 from mnist_dist.errors import ExitCode, UserError
 from mnist_dist.sweep import packing as packs
 from mnist_dist.sweep.layout import SweepDir
+from mnist_dist.sweep.pack_dirs import home, joined, owner, pack_home, resumable, write_pack
 from mnist_dist.sweep.spec import Member
 from mnist_dist.sweep.state import NO_RETRY, Retry, claim, member_state, recorded_state, to_train
 from mnist_dist.train.stopping import StopFlag
@@ -98,11 +98,14 @@ def run_members(
         else:
             counts["skipped"] += 1
     queue: Queue = deque(_plan(members, todo, pack, max_pack, workers, bool(retry)))
+    moved_in = joined(list(queue), todo)
     gate = Gate(members, log, early=TERMINATED not in retry)
     if len(queue) > 1 and workers > 1 and pack != "off":
         ran = _in_processes(queue, workers, stop, log, gpus or [], retry, gate)
     else:
         ran = _in_this_process(queue, stop, log, retry, gate)
+    if ran:  # the packs they moved into trained them
+        ran |= moved_in
     counts["in use"] = len(members) - counts["skipped"] - len(todo)  # held when this runner began
     left = {m.id for group in queue for m in group}  # not started: the target was reached
     for member in todo:
@@ -145,42 +148,25 @@ def _plan(
 ) -> list[list[Member]]:
     if pack == "off":
         return [[m] for m in todo]
-    # Packs that were stopped part-way go on as they were; the other members are planned anew.
+    # Packs that were stopped part-way go on as they were, with the members that moved into them at
+    # a band (barrier.py); the other members are planned anew.
     planned = [] if retry else resumable(members, todo)  # a retry starts failed members anew
-    started = {m.id for group in planned for m in group}
+    started = {m.id for group in planned for m in group} | joined(planned, todo)
     return planned + packs.plan([m for m in todo if m.id not in started], workers, max_pack)
 
 
 def _take(group: list[Member], queue: Queue, retry: Retry, log: Callable[[str], Any]) -> list:
-    """The locks of `group` (state.claim); when another runner holds or finished some of its members,
-    none, and the members still free go back to the queue as a pack of their own."""
-    locks, rest = claim(group, retry, log)
+    """The locks of `group` (state.claim; not of those that moved on to another pack at a band: that
+    one trains them); when another runner holds or finished some of its members, none, and the
+    members still free go back to the queue as a pack of their own."""
+    home = str(pack_home(group))
+    locks, rest = claim([m for m in group if owner(m) in (None, home)], retry, log)
     if not locks:
         if len(rest) < len(group):
             log(f"{len(group) - len(rest)} of {len(group)} member(s) taken by another run; skipped")
         if rest:
             queue.append(rest)
     return locks
-
-
-def resumable(members: Iterable[Member], todo: list[Member]) -> list[list[Member]]:
-    """The sweep's packs that have a checkpoint and members still to train, with all their members
-    (those that failed in them come back frozen from the checkpoint): the same members find it again."""
-    from mnist_dist.store.checkpoint import candidates
-
-    by_id = {m.id: m for m in members}
-    left = {m.id for m in todo}
-    found = []
-    sweeps = {SweepDir.of_member(m.run_dir) for m in todo}
-    for where in sorted(p for sweep in sweeps for p in sweep.pack_dirs()):
-        try:
-            ids = [c.sweep.member if c.sweep else "" for c in read_pack(where)]
-        except UserError:
-            continue
-        if len(ids) > 1 and set(ids) <= by_id.keys() and left & set(ids) and candidates(where):
-            found.append([by_id[i] for i in ids])
-            left -= set(ids)
-    return found
 
 
 def local_workers(cfg: TrainConfig) -> tuple[int, list[str]]:
@@ -246,40 +232,6 @@ def _train(
     for member, why in zip(group, failures, strict=True):
         if why is not None:
             log(f"member {member.id} failed: training diverged: {why}")
-
-
-def home(cfgs: list[TrainConfig], pack_dir: Path | None) -> Path:
-    """Where a pack's checkpoints go: its pack dir; a pack of one's in its member's run dir, as its own
-    run's (so `mnist-dist train` of the member's config resumes it)."""
-    return cfgs[0].run_dir() if len(cfgs) == 1 or pack_dir is None else pack_dir
-
-
-def pack_home(group: list[Member]) -> Path:
-    """Where `group`'s checkpoints (and band files) go, before its pack dir is written."""
-    if len(group) == 1:
-        return group[0].run_dir
-    return SweepDir.of_member(group[0].run_dir).pack(m.id for m in group)
-
-
-def write_pack(group: list[Member]) -> Path:
-    """The pack's dir, with members.json: the configs its pack process trains."""
-    from mnist_dist.store.atomic import write_atomic
-    from mnist_dist.store.ownership import private_dir
-
-    where = SweepDir.of_member(group[0].run_dir).pack(m.id for m in group)
-    private_dir(where.parent, "sweep dir")
-    private_dir(where, "pack dir")
-    configs = [m.cfg.model_dump(mode="json") for m in group]
-    write_atomic(where / SweepDir.PACK_MEMBERS, json.dumps(configs, indent=1) + "\n")
-    return where
-
-
-def read_pack(where: Path) -> list[TrainConfig]:
-    try:
-        raw = json.loads((where / SweepDir.PACK_MEMBERS).read_text())
-        return [TrainConfig.model_validate(c) for c in raw]
-    except (OSError, ValueError, TypeError) as e:
-        raise UserError(f"{where} is not a pack dir ({SweepDir.PACK_MEMBERS}: {e})".splitlines()[0]) from None
 
 
 def _in_processes(

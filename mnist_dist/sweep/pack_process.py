@@ -23,7 +23,8 @@ from pathlib import Path
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import ExitCode, UserError
-from mnist_dist.sweep.local import CLAIMED_BY, RELAYED, home, read_pack
+from mnist_dist.sweep.local import CLAIMED_BY, RELAYED
+from mnist_dist.sweep.pack_dirs import home, read_pack
 from mnist_dist.train.stopping import Preempted, StopFlag, stop_on_signals
 
 PR_SET_PDEATHSIG = 1
@@ -31,6 +32,7 @@ PR_SET_PDEATHSIG = 1
 
 def train_pack_dir(where: Path, cfgs: list[TrainConfig], stop: StopFlag, claimer: int | None) -> None:
     """The pack that `where` describes, in this process; a member that fails is in its run.json."""
+    from mnist_dist.store import handover
     from mnist_dist.store.ownership import RunLock
     from mnist_dist.sweep.barrier import Judge, mark_ended
     from mnist_dist.train.run import run_pack
@@ -40,6 +42,8 @@ def train_pack_dir(where: Path, cfgs: list[TrainConfig], stop: StopFlag, claimer
     try:
         if claimer is not None:
             for cfg in cfgs:
+                if handover.owner(cfg.run_dir()) not in (None, str(at)):
+                    continue  # it moved on to another pack at a band: that one trains it
                 locks.append(RunLock(cfg.run_dir()).adopt(claimer))
         judge = Judge.from_environment(at, cfgs[0].run_dir(), cfgs[0].total_epochs)
         _, failures = run_pack(cfgs, at, stop=stop, locks=list(locks) or None, judge=judge)

@@ -99,7 +99,7 @@ class SweepWorker(Checkpointable):
         to this worker for LEASE_S seconds: time enough to claim their run dirs' locks, so that no other
         worker takes them first (a worker that dies before it claims them gives them up when the lease
         ends; requeued, it finds its own leases)."""
-        from mnist_dist.sweep.local import resumable
+        from mnist_dist.sweep.pack_dirs import resumable
 
         spec, root = self.build.spec, self.build.root
         with proposal_lock(root):

@@ -248,13 +248,31 @@ class Engine(Processes):
         the wrapped model's parameters are fixed, so members that stop are frozen instead."""
         return self.world == 1 and self.scaler is None
 
-    def drop(self, members: list[int], *batches: data.ShardedBatches) -> None:
-        """These members leave the pack: out of the model, the optimizer and the loss, so the steps
-        after cost only the others, each computed as before; `batches` draw for the groups left."""
-        keep = [i for i in range(len(self.core)) if i not in set(members)]
-        per_group = self.core.keep(keep)
-        self.optimizer.optimizer.keep(per_group, self.core.member_parameters())
-        self.loss_grad = self.loss_grad[keep].clone()
+    def rearrange(
+        self, members: list[int | dict[str, torch.Tensor]], seeds: list[int], *batches: data.ShardedBatches
+    ) -> None:
+        """The pack becomes these members, in this order (MnistPack.relayout), with the optimizer and
+        the loss: each the position of a member in it now (its weights, its lr and whether it is
+        frozen carry over), or the weights (MnistModel's layout) of one that joins from another pack
+        (alive, its lr set with the others' by the next `set_lrs`); `seeds` are theirs, and `batches`
+        draw for the new groups. Each member is computed as before. Only where `can_shrink`."""
+        lrs = [lr for group in self.optimizer.param_groups for lr in group["lr"]]
+        zero = torch.zeros((), device=self.device)
+        states, new_lrs, alive = [], [], []
+        for at in members:
+            if isinstance(at, int):
+                states.append(self.core.member_state_dict(at))
+                new_lrs.append(lrs[at])
+                alive.append(self.loss_grad[at])
+            else:
+                states.append({k: v.to(self.device) for k, v in at.items()})
+                new_lrs.append(zero)
+                alive.append(zero + 1)
+        self.core.relayout(states, seeds)
+        self.loss_grad = torch.stack(alive) if alive else torch.ones(0, device=self.device)
+        per_member = torch.stack(new_lrs) if new_lrs else torch.zeros(0, device=self.device)
+        per_group = list(per_member.split(self.core.sizes))
+        self.optimizer.optimizer.regroup(self.core.member_parameters(), per_group)
         for b in batches:
             b.seeds = tuple(self.core.group_seeds)
         self.graphs.reset()  # captured for the old shapes

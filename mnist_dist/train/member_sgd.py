@@ -53,17 +53,11 @@ class MemberSGD(torch.optim.Optimizer):
                 self._params.append((p, rows, first, lr.numel()))
             first += lr.numel()
 
-    def keep(self, per_group: list[list[int]], params: list[list[torch.nn.Parameter]]) -> None:
-        """Only these members stay (per group, the indices within it that stay; an empty list drops
-        the group): their lrs, for `params`, the groups' parameters left, holding only their rows
-        (MnistPack.keep). Plain SGD keeps no state per parameter, so nothing else moves."""
-        groups = []
-        kept = [group for group, local in zip(self.param_groups, per_group, strict=True) if local]
-        for group, local, new in zip(kept, [g for g in per_group if g], params, strict=True):
-            group["lr"] = group["lr"][local].clone()
-            group["params"] = list(new)
-            groups.append(group)
-        self.param_groups = groups
+    def regroup(self, groups: list[list[torch.nn.Parameter]], lrs: list[torch.Tensor]) -> None:
+        """The pack's members changed (MnistPack.relayout): these are its groups' parameters now,
+        with each group's lrs. Plain SGD keeps no state per parameter, so nothing else moves."""
+        self.param_groups = [{"params": list(ps), "lr": lr} for ps, lr in zip(groups, lrs, strict=True)]
+        self.state.clear()
         self._shape_lrs()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -33,35 +33,26 @@ class MnistModel(nn.Module):
         return self.linear2(F.relu(self.linear1(xb)))
 
 
+_KEYS = {"w1": "linear1.weight", "b1": "linear1.bias", "w2": "linear2.weight", "b2": "linear2.bias"}
+
+
 class _Group(nn.Module):
     """Members that see the same input batch (the same seed, so the same data order), their weights
     stacked row-wise in nn.Linear's layout: w [k * out, in], b [k * out] per layer (member_linear.py);
     a group of one holds exactly nn.Linear's tensors."""
 
-    def __init__(self, members: list[MnistModel]) -> None:
+    def __init__(self, states: list[dict[str, torch.Tensor]]) -> None:
+        """`states`: the members' weights, as MnistModel's state dicts."""
         super().__init__()
-        self.size = len(members)
-        self.w1 = nn.Parameter(torch.cat([m.linear1.weight.detach() for m in members]))
-        self.b1 = nn.Parameter(torch.cat([m.linear1.bias.detach() for m in members]))
-        self.w2 = nn.Parameter(torch.cat([m.linear2.weight.detach() for m in members]))
-        self.b2 = nn.Parameter(torch.cat([m.linear2.bias.detach() for m in members]))
+        self.size = len(states)
+        for name, key in _KEYS.items():
+            setattr(self, name, nn.Parameter(torch.cat([s[key].detach() for s in states])))
 
     def forward(self, xb: torch.Tensor, batched: bool) -> torch.Tensor:
         """Logits [k * B, 10], member-major."""
         k = self.size
         hidden = F.relu(member_linear(xb.reshape(-1, INPUT_SIZE), self.w1, self.b1, k, True, batched))
         return member_linear(hidden, self.w2, self.b2, k, False, batched)
-
-    def keep(self, local: list[int]) -> None:
-        """Only the members `local` (indices within the group, in order) stay: each parameter becomes
-        a new Parameter of their rows. New, not resized in place: autograd keeps each leaf's shape in
-        its gradient accumulator, which outlives a step while anything holds that step's graph."""
-        k = self.size
-        for name in ("w1", "b1", "w2", "b2"):
-            p = getattr(self, name)
-            rows = p.detach().view(k, -1)[local].reshape(-1, *p.shape[1:])
-            setattr(self, name, nn.Parameter(rows))
-        self.size = len(local)
 
     def member(self, at: int) -> dict[str, torch.Tensor]:
         """Member `at`'s weights, as MnistModel's state dict."""
@@ -88,14 +79,8 @@ class MnistPack(nn.Module):
 
     def __init__(self, members: list[MnistModel], seeds: list[int]) -> None:
         super().__init__()
-        self.seeds = list(seeds)
-        self.group_seeds, self.sizes = _runs(self.seeds)
         self.batched = False
-        groups, start = [], 0
-        for size in self.sizes:
-            groups.append(_Group(members[start : start + size]))
-            start += size
-        self.groups = nn.ModuleList(groups)
+        self.relayout([m.state_dict() for m in members], seeds)
 
     @classmethod
     def seeded(cls, seeds: list[int], hidden_size: int) -> MnistPack:
@@ -151,23 +136,24 @@ class MnistPack(nn.Module):
         correct = (outputs.argmax(dim=1) == self.member_labels(yb)).view(len(self), -1).sum(dim=1)
         return self._losses(outputs, yb).sum(dim=1), correct
 
-    def keep(self, members: list[int]) -> list[list[int]]:
-        """Only `members` (indices over the pack, ascending) stay; the others leave the model, so its
-        steps cost only theirs, and each one left is computed as before (its own products). Returns,
-        per group before, the indices within it that stayed (an empty list: the group is gone)."""
-        kept, start, per_group, groups = set(members), 0, [], []
-        for group, size in zip(self.groups, self.sizes, strict=True):
-            local = [i for i in range(size) if start + i in kept]
-            per_group.append(local)
-            if local:
-                group.keep(local)
-                groups.append(group)
+    def relayout(self, states: list[dict[str, torch.Tensor]], seeds: list[int]) -> None:
+        """The pack becomes the members with these weights (MnistModel's state dicts) and seeds, in
+        this order, each run of equal consecutive seeds one group: members leave it (so its steps
+        cost only the others') or join it (from another pack). Each member is computed as before,
+        with its own products (member_linear.py): which group it is in changes none of its bits.
+        New Parameters, not resized in place: autograd keeps each leaf's shape in its gradient
+        accumulator, which outlives a step while anything holds that step's graph."""
+        self.seeds = list(seeds)
+        self.group_seeds, self.sizes = _runs(self.seeds)
+        groups, start = [], 0
+        for size in self.sizes:
+            groups.append(_Group(states[start : start + size]))
             start += size
         self.groups = nn.ModuleList(groups)
-        self.seeds = [self.seeds[i] for i in sorted(kept)]
-        self.sizes = [len(local) for local in per_group if local]
-        self.group_seeds = [seed for seed, local in zip(self.group_seeds, per_group, strict=True) if local]
-        return per_group
+
+    def keep(self, members: list[int]) -> None:
+        """Only `members` (indices over the pack, in order) stay; the others leave the model."""
+        self.relayout([self.member_state_dict(i) for i in members], [self.seeds[i] for i in members])
 
     def member_state_dict(self, index: int) -> dict[str, torch.Tensor]:
         """Member `index`'s weights as MnistModel's state dict (nn.Linear layout)."""

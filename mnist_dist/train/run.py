@@ -19,9 +19,10 @@ from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 from mnist_dist.store.outputs import check_output_dir
 from mnist_dist.store.ownership import RunLock, claim
+from mnist_dist.train.early_termination import Judge
 from mnist_dist.train.engine import Engine
 from mnist_dist.train.model import MnistPack
-from mnist_dist.train.run_state import Judge, RunState
+from mnist_dist.train.run_state import RunState
 from mnist_dist.train.stopping import StopFlag
 
 
@@ -71,8 +72,11 @@ def run_pack(
         raise
     state = RunState(cfgs, engine, home)
     state.judge = judge
+    state.locks = {lock.run_dir: lock for lock in locks or [] if lock is not None}
     try:
         todo = state.begin(resume, force)
+        if not state.live:  # each member moved on to another pack (or ended) after the checkpoint
+            return state.finish()
         train, val = state.batches()
         state.start_tracking(train)
         if not state.started:  # epoch 0: the evaluation before training

@@ -1,120 +1,47 @@
-"""What a run carries between its steps, for each of its members (a single run: one member): the
-history, run.json's facts and status, the run directory's writer and the tracker; and for the run,
+"""What a run carries between its steps: its members (member.py; a single run: one member) and
 the progress a checkpoint saves.
 
 A member whose training loss stops being finite is frozen (engine.freeze) and recorded as failed in
-its run.json, as its own run would have ended; the others go on unchanged. Each member's run
-directory ends up as a single run's would: config.yaml, metrics.jsonl, history.json, run.json (with
-the pack it trained in), plots, its own model.safetensors and tracker run.
+its run.json, as its own run would have ended; the others go on unchanged. With a sweep's early
+termination, members stop and move between packs at its bands (early_termination.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
-from mnist_dist.store import checkpoint, provenance
-from mnist_dist.store.checkpoint import MemberPart, ResumePoint, member_id
+from mnist_dist.store import checkpoint, handover, provenance
+from mnist_dist.store.checkpoint import ResumePoint
 from mnist_dist.store.faults import WriteFault
-from mnist_dist.store.outputs import NullRunDir, RunDir, history_entry, plot_all
-from mnist_dist.store.ownership import private_dir
+from mnist_dist.store.outputs import history_entry, plot_all
+from mnist_dist.store.ownership import RunLock, private_dir
 from mnist_dist.track.trackers import run_id
 from mnist_dist.train import data
 from mnist_dist.train.console import Console
+from mnist_dist.train.early_termination import EarlyTermination, Judge
 from mnist_dist.train.engine import Engine, EpochResult
+from mnist_dist.train.member import Member, pack_sizes
 from mnist_dist.train.schedule import Stretch, remaining
 from mnist_dist.train.stopping import Preempted
 from mnist_dist.train.threads import usable_cpus
 
-TERMINATED = "terminated"  # run.json's status of a member that early termination stopped
-# Asked after each epoch with the live members' histories (by member id): those to stop, each with
-# the decision run.json records (sweep/barrier.Judge: W&B's hyperband rule).
-Judge = Callable[[int, dict[str, list[dict[str, Any]]]], dict[str, dict[str, Any]]]
 
-
-class Member:
-    """One member's run: its config, run directory, history, run.json facts and tracker."""
-
-    def __init__(self, cfg: TrainConfig, engine: Engine) -> None:
-        self.cfg, self.run_dir, self.id = cfg, cfg.run_dir(), member_id(cfg)
-        self.out = RunDir(self.run_dir) if engine.is_main else NullRunDir(self.run_dir)
-        self.info: dict[str, Any] = {"name": cfg.name, "status": "running", "start_time": provenance.now()}
-        self.tracker = engine.tracker(cfg, self.run_dir)
-        self.history: list[dict[str, Any]] = []
-        self.failure: str | None = None
-        self.terminated: dict[str, Any] | None = None  # early termination's decision
-        self.tracker_run_id: str | None = None
-
-    @property
-    def trains(self) -> bool:
-        """Still training: neither failed nor terminated."""
-        return self.failure is None and self.terminated is None
-
-    def restore(self, part: MemberPart) -> None:
-        """Where a checkpoint left it: history, tracker run, failure (its run.json says so)."""
-        self.history, self.tracker_run_id = list(part["history"]), part["tracker_run_id"]
-        self.failure, self.terminated = part["failure"], part.get("terminated")
-        if self.failure is not None:
-            self.info["status"] = "failed"
-        if self.terminated is not None:
-            self.info.update(status=TERMINATED, early_terminate=self.terminated)
-
-    def part(self, pending: list[dict[str, Any]]) -> MemberPart:
-        """What a checkpoint keeps of it (with `pending`, this epoch's entry not yet recorded)."""
-        history = self.history + pending
-        return MemberPart(
-            id=self.id,
-            history=history,
-            tracker_run_id=self.tracker_run_id,
-            failure=self.failure,
-            terminated=self.terminated,
-        )
-
-    def record(self, entry: dict[str, Any]) -> None:
-        """A history entry made known: appended to metrics.jsonl, logged."""
-        self.history.append(entry)
-        self.out.append_metrics(entry)
-        self.tracker.log(entry)
-
-    def fail(self, why: str) -> None:
-        """Its loss stopped being finite: the run ends here, as `failed`, with why."""
-        self.failure = why
-        self.end("failed", error=f"FloatingPointError: {why}")
-
-    def terminate(self, decision: dict[str, Any], weights: dict[str, Any], seconds: float) -> None:
-        """Early termination stopped it after its last recorded epoch: its run ends here with what a
-        finished run has (history, weights), run.json and the tracker's summary saying so. Its plots
-        wait for the pack's end (RunState.finish): drawing them here would stall the survivors."""
-        self.terminated = decision
-        self.out.write_history(self.history)
-        self.out.save_weights(weights, self.cfg)
-        self.tracker.summarize({"early_terminate": decision, "state": TERMINATED})
-        self.tracker.close()
-        self.info["train_seconds"] = seconds
-        self.end(TERMINATED, early_terminate=decision)
-
-    def end(self, status: str, **facts: Any) -> None:
-        self.info.update(status=status, end_time=provenance.now(), **facts)
-        if (self.run_dir / "config.yaml").exists():
-            with contextlib.suppress(WriteFault):  # the disk that failed may refuse this too
-                self.out.write_run_info(self.info)
-
-
-class RunState:
+class RunState(EarlyTermination):
     """The run's members and the progress its checkpoints save (in `home`: a single run's run dir,
     a pack's pack dir)."""
 
     def __init__(self, cfgs: list[TrainConfig], engine: Engine, home: Path) -> None:
         self.cfgs, self.engine, self.home = cfgs, engine, home
-        self.members = [Member(cfg, engine) for cfg in cfgs]
-        self.live = list(self.members)  # those in the engine's model, in its order
+        self.members = [Member(cfg, engine) for cfg in cfgs]  # then those that joined, in order
+        self.live = list(self.members)  # those in the engine's model, in its order (the members')
         self.judge: Judge | None = None
+        self.locks: dict[Path, RunLock] = {}  # the members' locks its caller holds, by run dir
+        self.taken: list[RunLock] = []  # those of the members that joined
         self.train: data.ShardedBatches | None = None  # the training batches, once made
         self.pack: dict[str, Any] = {}  # what each member's run.json says of the pack
         self.console = Console(engine.print, home, cfgs)
@@ -124,7 +51,7 @@ class RunState:
 
     @property
     def nothing_left(self) -> bool:
-        """Every member failed or was terminated: nothing left to train."""
+        """Every member failed, was terminated or moved on: nothing left to train here."""
         return all(not m.trains for m in self.live)
 
     def begin(self, resume: str, force: bool) -> list[Stretch]:
@@ -135,15 +62,14 @@ class RunState:
         )
         if engine.is_main and self.home not in [m.run_dir for m in self.members]:
             private_dir(self.home, "pack dir")
-        for member, part in zip(self.members, self.progress.members, strict=True):
-            member.restore(part)
-            member.out.create(member.history)
-            member.out.write_config(member.cfg)
+        self._restore_members(self.progress)
+        for member in self.members:
+            if member.moved is None:
+                member.out.create(member.history)
+                member.out.write_config(member.cfg)
         self.started = bool(self.members[0].history)
         self.console.config()
-        gone = [i for i, m in enumerate(self.live) if m.terminated is not None]
-        if gone:  # they left the model before this checkpoint was saved
-            self._leave(gone)
+        self._relayout()
         todo = remaining(self.cfgs, self.progress)
         if resume_from is not None:
             self._resume(resume_from, done=not todo)
@@ -187,7 +113,7 @@ class RunState:
             "dir": str(self.home),
             "size": len(ids),
             "members": ids,
-            "sizes": pack_sizes(self.members),
+            "sizes": pack_sizes(self.members, self.home, len(self.cfgs)),
         }
         for member in self.members:
             trained_in = {"pack": self.pack} if member.run_dir != self.home else {}
@@ -232,6 +158,7 @@ class RunState:
         if failed:
             self.engine.freeze(failed)
         entries = self._judged(result.epoch, entries)
+        entries = self._balanced(result.epoch, phase, entries)
         if self.nothing_left:
             return
         self.progress.train_seconds = time.perf_counter() - self._clock
@@ -241,41 +168,6 @@ class RunState:
         for member, entry in entries:
             member.record(entry)
         self._epoch_said(epoch)
-
-    def _judged(
-        self, epoch: int, entries: list[tuple[Member, dict[str, Any]]]
-    ) -> list[tuple[Member, dict[str, Any]]]:
-        """The entries of the members that go on: those the judge (early termination) stops end now,
-        before the checkpoint that no longer holds them, and leave the model."""
-        if self.judge is None or not entries:
-            return entries
-        decided = self.judge(epoch, {m.id: [*m.history, e] for m, e in entries})
-        if not decided:
-            return entries
-        for member, _ in entries:
-            member.terminated = decided.get(member.id, member.terminated)
-        self.pack["sizes"] = pack_sizes(self.members)
-        gone, facts = [], self.engine.end_facts()
-        for member, entry in entries:
-            if member.id in decided:
-                member.record(entry)
-                i = self.live.index(member)
-                member.info.update(facts[i])
-                member.terminate(decided[member.id], self.engine.state_dict(i), self.elapsed())
-                gone.append(i)
-        ids = " ".join(self.live[i].id for i in gone)
-        self.engine.print(f"{self.home.name}: early termination after epoch {epoch} stopped {ids}")
-        self._leave(gone)
-        return [(m, e) for m, e in entries if m.id not in decided]
-
-    def _leave(self, gone: list[int]) -> None:
-        """Members (engine positions) leave the model: out of it when the engine can shrink, else
-        frozen (their lr 0, out of the loss), as failed members are."""
-        if not self.engine.can_shrink:
-            self.engine.freeze(gone)
-            return
-        self.engine.drop(gone, *([self.train] if self.train is not None else []))
-        self.live = [m for i, m in enumerate(self.live) if i not in set(gone)]
 
     def lrs(self, stretch: Stretch) -> list[float]:
         """The lr of each member in the model, in its order, for this stretch's phase."""
@@ -310,9 +202,13 @@ class RunState:
         plot_all([(member.out, member.history) for member in drawn], usable_cpus())
         for _, member in finished:
             member.info.update(status="completed", end_time=provenance.now())
+            moves = handover.moves(member.run_dir)
+            if moves:
+                member.info["moves"] = moves
             member.out.write_run_info(member.info)
         self.console.done(seconds, [m.history for _, m in finished if m.history])
-        return [m.history for m in self.members], [m.failure for m in self.members]
+        ours = self.members[: len(self.cfgs)]  # those that joined report to their own packs' callers
+        return [m.history for m in ours], [m.failure for m in ours]
 
     def ended(self, e: BaseException) -> None:
         """The run ends by an exception: Preempted saves and says so; a failure in that save, or any
@@ -356,11 +252,5 @@ class RunState:
     def close(self) -> None:
         for member in self.members:
             member.tracker.close()
-
-
-def pack_sizes(members: list[Member]) -> list[dict[str, int]]:
-    """A pack's size from its start and after each band that stopped members (for run.json)."""
-    bands = sorted({m.terminated["epoch"] for m in members if m.terminated})
-    left = [sum(1 for m in members if not (m.terminated and m.terminated["epoch"] <= b)) for b in bands]
-    sizes = [{"after_epoch": 0, "members": len(members)}]
-    return sizes + [{"after_epoch": b, "members": k} for b, k in zip(bands, left, strict=True)]
+        for lock in self.taken:
+            lock.release()
