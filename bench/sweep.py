@@ -232,16 +232,21 @@ def solo_check(args: argparse.Namespace, packed: Path, tmp: Path) -> dict[str, A
 
 
 def survivors(full: Path, early: Path) -> dict[str, Any]:
-    """Early termination against the full grid: member-epochs trained, terminated members, and whether
-    the full grid's best member (final val_acc) survived with a bitwise equal history and weights."""
+    """Early termination against the full grid: member-epochs trained, terminated members, members
+    moved between packs at a band, whether the full grid's best member (final val_acc) survived with a
+    bitwise equal history and weights, and the best survivor's final val_acc."""
 
     def final(d: Path) -> float:
         return json.loads((d / "history.json").read_text())[-1]["val_acc"]
 
     best = max(members(full), key=final)
-    status = json.loads((early / "members" / best.name / "run.json").read_text())["status"]
-    stopped = sum(json.loads((d / "run.json").read_text())["status"] == "terminated" for d in members(early))
+    runs = {d: json.loads((d / "run.json").read_text()) for d in members(early)}
+    status = runs[early / "members" / best.name]["status"]
+    stopped = sum(r["status"] == "terminated" for r in runs.values())
+    completed = [d for d, r in runs.items() if r["status"] == "completed"]
     return {
+        "moved": sum(bool(r.get("moves")) for r in runs.values()),
+        "best_survivor_val_acc": max(map(final, completed)) if completed else None,
         "member_epochs": member_epochs(early),
         "of": member_epochs(full),
         "terminated": stopped,
@@ -293,8 +298,14 @@ def markdown(results: dict[str, Any]) -> str:
         )
         lines += [
             f"Hyperband (`{json.dumps(EARLY)}` unless the file has its own): {hb['terminated']} of "
-            f"{hb['members']} members stopped, {hb['member_epochs']} member-epochs trained of {hb['of']}; "
-            f"the full grid's best member `{hb['best']}` (final val_acc {hb['best_val_acc']:.4f}): {verdict}."
+            f"{hb['members']} members stopped, {hb['member_epochs']} member-epochs trained of {hb['of']}, "
+            f"{hb.get('moved', 0)} moved between packs at a band; the full grid's best member `{hb['best']}` "
+            f"(final val_acc {hb['best_val_acc']:.4f}): {verdict}"
+            + (
+                f"; the best survivor's final val_acc {hb['best_survivor_val_acc']:.4f}."
+                if hb.get("best_survivor_val_acc") is not None
+                else "."
+            )
         ]
     solo = results.get("solo")
     if solo:
