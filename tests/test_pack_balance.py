@@ -36,13 +36,13 @@ metric: {{name: val_acc, goal: maximize}}
 parameters:
   phases.0.lr: {{values: {GOOD + BAD}}}
 """
-EARLY = "early_terminate: {type: hyperband, min_iter: 1, eta: 2}\n"
+EARLY = "early_terminate: {type: hyperband, min_iter: %d, eta: 2}\n"
 
 
-def _spec(where: Path, early: bool = True) -> Path:
+def _spec(where: Path, early: bool = True, min_iter: int = 1) -> Path:
     where.mkdir(parents=True, exist_ok=True)
     path = where / ("bal.yaml" if early else "full.yaml")
-    path.write_text(SPEC + (EARLY if early else ""))
+    path.write_text(SPEC + (EARLY % min_iter if early else ""))
     return path
 
 
@@ -151,22 +151,39 @@ def test_a_member_moves_and_every_member_is_bitwise_its_run(balanced: tuple[Path
     assert "0 trained, 8 skipped" in again.stdout, "a rerun trains nothing"
 
 
+def _given_at(root: Path, band: int) -> bool:
+    """A member was handed over at `band` and its giver saved the checkpoint after it."""
+    found = sorted(root.glob(f"members/*/handover/band-{band:04d}.json"))
+    return bool(found) and (Path(load_json(found[0])["from"]) / "checkpoints" / f"epoch-{band:04d}").is_dir()
+
+
 @SHARED
-@pytest.mark.parametrize("lose", ["nothing", "checkpoints"])
+@pytest.mark.parametrize("lose", ["nothing", "checkpoints", "the giver's last"])
 def test_a_kill_after_the_move_and_a_rerun_end_bitwise_the_same(
     balanced: tuple[Path, Path, str], tmp_path: Path, data_env: dict, lose: str
 ):
     """kill -9 once both packs saved epoch 2; `checkpoints`: then both packs' checkpoints are
     removed too, as if they had been killed before their first save (the giver has handed the member
-    over: it drops it; the receiver takes it from its run dir again)."""
+    over: it drops it; the receiver takes it from its run dir again). `the giver's last`: bands at 2
+    only (min_iter 2), killed once the giver saved epoch 2, and that checkpoint removed: the giver
+    resumes from epoch 1, which holds the member it handed over at band 2, and drops it once loaded."""
     reference, full, _ = balanced
-    root = tmp_path / "bal"
-    command = [sys.executable, "-m", "mnist_dist.cli", *_args(_spec(tmp_path), root, *NONE)]
+    root, min_iter = tmp_path / "bal", 2 if lose == "the giver's last" else 1
+    command = [
+        sys.executable,
+        "-m",
+        "mnist_dist.cli",
+        *_args(_spec(tmp_path, min_iter=min_iter), root, *NONE),
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=data_env, cwd=ROOT)
     deadline = time.monotonic() + 300
-    while len(list(root.glob("packs/*/checkpoints/epoch-0002/progress.json"))) < 2:  # past the move
+    while not (  # past the move
+        _given_at(root, 2)
+        if min_iter == 2
+        else len(list(root.glob("packs/*/checkpoints/epoch-0002/progress.json"))) == 2
+    ):
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended too soon"
-        time.sleep(0.02)
+        time.sleep(0.01)
     for pid in pack_processes(root):
         os.kill(pid, signal.SIGKILL)
     proc.kill()
@@ -177,9 +194,18 @@ def test_a_kill_after_the_move_and_a_rerun_end_bitwise_the_same(
     if lose == "checkpoints":
         for folder in root.glob("packs/*/checkpoints"):
             shutil.rmtree(folder)
+    if lose == "the giver's last":
+        giver = Path(load_json(handed[0])["from"])
+        for folder in (giver / "checkpoints").glob("epoch-*"):
+            if folder.name >= "epoch-0002":
+                shutil.rmtree(folder)
+        assert (giver / "checkpoints" / "epoch-0001").is_dir(), "the checkpoint before the band"
     again = ok(run_cli(*_args(tmp_path / "bal.yaml", root, *NONE), env=data_env))
-    assert ("resuming from" in again.stdout) == (lose == "nothing"), again.stdout
-    assert _stopped_lrs(root) == _stopped_lrs(reference)
+    assert ("resuming from" in again.stdout) == (lose != "checkpoints"), again.stdout
+    histories = {mid: [e["val_acc"] for e in _entries(root / "members" / mid)] for mid in _members(root)}
+    assert _stopped(root) == hyperband_replay(histories, bands=[1, 2] if min_iter == 1 else [2], eta=2)
+    if min_iter == 1:
+        assert _stopped_lrs(root) == _stopped_lrs(reference)
     assert sorted(_moves(root)) == [p.parent.parent.name for p in handed], "the same member moved"
     theirs = _by_lr(full)
     for lr, run_dir in _by_lr(root).items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,6 +94,11 @@ def given_by(run_dir: Path, home: Path, after_epoch: int) -> dict[str, Any] | No
             if record.get("from") == str(home) and record.get("band", 0) > after_epoch:
                 return record
     return None
+
+
+def clear(run_dir: Path) -> None:
+    """The member starts over: the moves it made between packs before are void."""
+    shutil.rmtree(folder(run_dir), ignore_errors=True)
 
 
 def owner(run_dir: Path) -> str | None:

@@ -6,8 +6,10 @@ wave starts once the last one has ended, so which values a decision sees never d
 Each pack's home (its pack dir, or a pack of one's run dir) holds `bands/`:
 
     bands/band-0003.json        its live members' metric at epochs 0..3 (written on arrival at band 3)
-    bands/band-0003.kept.json   the members it keeps after band 3's decision, and whether it can
-                                give and take members (a pack of several on one process)
+    bands/band-0003.kept.json   the members it keeps after band 3's decision, whether it can give
+                                and take members (a pack of several on one process), and its
+                                packing key (only packs of one key share members)
+    bands/band-0003.moves.json  the moves the wave made at band 3, as this pack computed them
     bands/ended                 it trains no more (written by the pack, and by the runner for one killed)
 
 A pack that arrives at a band writes its file and waits for every peer of its wave to have written
@@ -20,7 +22,10 @@ MNIST_DIST_BAND_TIMEOUT seconds (default 600) with an error that names it.
 Then the packs balance their survivors: each writes its kept file, waits for its peers' (or their
 end), and every pack computes the same moves from the same files (`moves`), so that the wave's
 packs go on with member counts that differ by at most one: the run takes the sum over bands of its
-slower pack, and hyperband's survivors rarely fall evenly (bench/results/SWEEP-hyperband.md).
+slower pack, and hyperband's survivors rarely fall evenly (bench/results/SWEEP-hyperband.md). The
+moves are written too, and a pack that reaches the band later (a rerun after a stop or a kill, its
+peers past the band) follows the moves a peer made there instead of computing its own: those that
+went on without it made none with it.
 """
 
 from __future__ import annotations
@@ -78,7 +83,10 @@ class Judge:
     """Called by the training loop after each epoch with its live members' histories; at a band, meets
     the wave and returns the members to stop, each with its hyperband.Decision's record."""
 
-    def __init__(self, manifest: dict[str, Any], sweep: SweepDir, home: Path, peers: list[Path], epochs: int):
+    def __init__(self, manifest: dict[str, Any], sweep: SweepDir, home: Path, peers: list[Path], cfg: Any):
+        from mnist_dist.sweep.packing import key
+
+        self.key, epochs = key(cfg), cfg.total_epochs  # what members that may move here share
         self.early_terminate = manifest["early_terminate"]
         self.metric = manifest.get("metric") or {"name": "val_acc", "goal": "maximize"}
         self.sweep, self.home, self.peers = sweep, home, [p for p in peers if p != home]
@@ -86,27 +94,28 @@ class Judge:
         self.wait = timeout()
 
     @classmethod
-    def for_pack(cls, home: Path, member_run_dir: Path, epochs: int, peers: list[Path]) -> Judge | None:
-        """The judge of a pack (its checkpoints in `home`) of the sweep `member_run_dir` belongs to,
-        meeting `peers` at each band; None without early termination (in sweep.json)."""
+    def for_pack(cls, home: Path, cfg: Any, peers: list[Path]) -> Judge | None:
+        """The judge of a pack (its checkpoints in `home`; `cfg`, a member's TrainConfig) of the sweep
+        that member belongs to, meeting `peers` at each band; None without early termination (in
+        sweep.json)."""
         from mnist_dist.sweep.spec import read_manifest
 
-        sweep = SweepDir.of_member(member_run_dir)
+        sweep = SweepDir.of_member(cfg.run_dir())
         if not sweep.manifest.is_file():
             return None
         manifest = read_manifest(sweep.root)
         if not manifest.get("early_terminate"):
             return None
-        return cls(manifest, sweep, home, peers, epochs)
+        return cls(manifest, sweep, home, peers, cfg)
 
     @classmethod
-    def from_environment(cls, home: Path, member_run_dir: Path, epochs: int) -> Judge | None:
+    def from_environment(cls, home: Path, cfg: Any) -> Judge | None:
         """A pack process's judge: with early termination, its runner names the wave in $MNIST_DIST_PEERS
         (unset: this runner does not terminate early, e.g. it retries terminated members)."""
         if PEERS not in os.environ:
             return None
         peers = [Path(p) for p in os.environ[PEERS].split(os.pathsep) if p]
-        return cls.for_pack(home, member_run_dir, epochs, peers)
+        return cls.for_pack(home, cfg, peers)
 
     def __call__(self, epoch: int, histories: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
         if epoch not in self.at or not histories:
@@ -126,10 +135,15 @@ class Judge:
         can give and take members)."""
         if band not in self.at:
             return []
-        record = {"members": [[mid, str(run_dir)] for mid, run_dir in kept], "movable": movable}
+        record = {
+            "members": [[mid, str(run_dir)] for mid, run_dir in kept],
+            "movable": movable,
+            "key": self.key,
+        }
         packs = {str(self.home): _written(kept_file(self.home, band), record)}
         packs.update(self._meet(band, kept_file, by_peer=True))
-        found = moves(packs)
+        made = [moves_file(Path(home), band) for home in packs if moves_file(Path(home), band).is_file()]
+        found = _written(moves_file(self.home, band), _read_json(made[0]) if made else moves(packs))
         planned = {m["id"] for m in found}
         return found + [m for m in self._handed_here(band) if m["id"] not in planned]
 
@@ -202,10 +216,17 @@ class Judge:
 
 def moves(packs: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
     """Members to move between a wave's packs (by home: its kept record) so that their counts differ
-    by at most one: a pure function of the records, so every pack computes the same. Those that can
-    move members and keep some take part, by home; the larger shares go to the fullest packs (ties: by
-    home), and each pack over its share gives its last members, in order, to those under theirs.
-    Nothing moves while the counts already differ by one at most. Each move: id, run_dir, from, to."""
+    by at most one among the packs of each packing key: a pure function of the records, so every pack
+    computes the same."""
+    keys = sorted({r.get("key", "") for r in packs.values()})
+    return [m for k in keys for m in _even_out({h: r for h, r in packs.items() if r.get("key", "") == k})]
+
+
+def _even_out(packs: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
+    """Those that can move members and keep some take part, by home; the larger shares go to the
+    fullest packs (ties: by home), and each pack over its share gives its last members, in order, to
+    those under theirs. Nothing moves while the counts already differ by one at most. Each move: id,
+    run_dir, from, to."""
     homes = sorted(h for h, r in packs.items() if r.get("movable") and r.get("members"))
     counts = {h: len(packs[h]["members"]) for h in homes}
     if len(homes) < 2 or max(counts.values()) - min(counts.values()) < 2:
@@ -220,6 +241,14 @@ def moves(packs: dict[str, dict[str, Any]]) -> list[dict[str, str]]:
             (mid, run_dir), frm = given.pop(0)
             out.append({"id": mid, "run_dir": run_dir, "from": frm, "to": to})
     return out
+
+
+def moves_file(home: Path, band: int) -> Path:
+    return bands_dir(home) / f"band-{band:04d}.moves.json"
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def _written(path: Path, content: Any) -> Any:

@@ -146,13 +146,17 @@ class Gate:
 def _plan(
     members: list[Member], todo: list[Member], pack: str, max_pack: int | None, workers: int, retry: bool
 ) -> list[list[Member]]:
-    if pack == "off":
-        return [[m] for m in todo]
+    from mnist_dist.store import handover
+
     # Packs that were stopped part-way go on as they were, with the members that moved into them at
-    # a band (barrier.py); the other members are planned anew.
-    planned = [] if retry else resumable(members, todo)  # a retry starts failed members anew
+    # a band (barrier.py); the other members are planned anew, and start over: a move they made
+    # between packs before is void.
+    planned = [] if retry or pack == "off" else resumable(members, todo)  # a retry starts failed members anew
     started = {m.id for group in planned for m in group} | joined(planned, todo)
-    return planned + packs.plan([m for m in todo if m.id not in started], workers, max_pack)
+    anew = [m for m in todo if m.id not in started]
+    for member in anew:
+        handover.clear(member.run_dir)
+    return planned + ([[m] for m in anew] if pack == "off" else packs.plan(anew, workers, max_pack))
 
 
 def _take(group: list[Member], queue: Queue, retry: Retry, log: Callable[[str], Any]) -> list:
@@ -223,7 +227,7 @@ def _train(
     )
     cfgs = [m.cfg for m in group]
     where = home(cfgs, None if one else write_pack(group))
-    judge = Judge.for_pack(where, cfgs[0].run_dir(), cfgs[0].total_epochs, peers=[]) if early else None
+    judge = Judge.for_pack(where, cfgs[0], peers=[]) if early else None
     try:
         _, failures = run_pack(cfgs, where, stop=stop, locks=locks, judge=judge)
     except UserError as e:  # a checkpoint it cannot use: the member's line says why, the others go on

@@ -45,7 +45,7 @@ def train_pack_dir(where: Path, cfgs: list[TrainConfig], stop: StopFlag, claimer
                 if handover.owner(cfg.run_dir()) not in (None, str(at)):
                     continue  # it moved on to another pack at a band: that one trains it
                 locks.append(RunLock(cfg.run_dir()).adopt(claimer))
-        judge = Judge.from_environment(at, cfgs[0].run_dir(), cfgs[0].total_epochs)
+        judge = Judge.from_environment(at, cfgs[0])
         _, failures = run_pack(cfgs, at, stop=stop, locks=list(locks) or None, judge=judge)
     finally:
         mark_ended(at)  # the packs of its wave wait for it no more

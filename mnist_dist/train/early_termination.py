@@ -55,10 +55,12 @@ class EarlyTermination:
     pack: dict[str, Any]
     elapsed: Callable[[], float]  # seconds of training so far (RunState's)
 
-    def _restore_members(self, progress: checkpoint.Progress) -> None:
+    def _restore_members(self, progress: checkpoint.Progress) -> dict[int, dict[str, Any]]:
         """Each member where the checkpoint left it, and those that joined this pack at a band before
-        it (built from their configs); one handed over after it is the receiving pack's now."""
-        parts, engine = progress.members, self.engine
+        it (built from their configs, their locks taken over). Returns those this pack handed over
+        at a band after the checkpoint (by id(member): the handover's record): they are the receiving
+        pack's now, and leave once the checkpoint is loaded (`_hand_on`)."""
+        parts, engine, handed = progress.members, self.engine, {}
         for member, part in zip(self.members, parts[: len(self.cfgs)], strict=True):
             member.restore(part)
         for part in parts[len(self.cfgs) :]:
@@ -69,9 +71,19 @@ class EarlyTermination:
                 None if member.moved else handover.given_by(member.run_dir, self.home, progress.epochs_done)
             )
             if given is not None:
-                member.move({"after_epoch": given["band"], "to": given["to"]})
-            if member.joined and member.in_model:
+                handed[id(member)] = given
+            elif member.joined and member.in_model:
                 self.taken.append(RunLock(member.run_dir, log=engine.print).take_over(None))
+        return handed
+
+    def _hand_on(self, handed: dict[int, dict[str, Any]]) -> None:
+        """The members `_restore_members` found handed over after the checkpoint leave the model."""
+        gone = [i for i, m in enumerate(self.live) if id(m) in handed]
+        for i in gone:
+            given = handed[id(self.live[i])]
+            self.live[i].move({"after_epoch": given["band"], "to": given["to"]})
+        if gone:
+            self._leave(gone)
 
     def _relayout(self) -> None:
         """The model as the checkpoint's: without the members that left it before, with those that
@@ -137,7 +149,7 @@ class EarlyTermination:
         evenly (the judge's balance). Those this pack gives end here (their entry recorded, then
         handed over in their run dir); those it takes join the model at this phase's lr. All before
         the checkpoint, which then holds the members this pack trains on."""
-        if self.judge is None:
+        if self.judge is None or not entries:  # a pack with no one left to train ends (its peers see it)
             return entries
         movable = self.engine.can_shrink and self.home not in {m.run_dir for m in self.members}
         moves = self.judge.balance(epoch, [(m.id, m.run_dir) for m, _ in entries], movable)
@@ -155,6 +167,8 @@ class EarlyTermination:
             member = next((m for m in self.members if m.id == move["id"]), None)
             if member is not None and member.in_model:  # resumed with it: it joined before the checkpoint
                 continue
+            if handover.given_by(Path(move["run_dir"]), self.home, epoch):  # it moved on from here later
+                continue
             member, joining[id(member)] = self._take(move, epoch, member)
         self._rearrange([m for m in self.members if m.in_model], joining)
         self.engine.set_lrs([m.cfg.phases[phase].lr for m in self.live])
@@ -168,9 +182,12 @@ class EarlyTermination:
     def _give(self, member: Member, epoch: int, to: str) -> None:
         """Hand `member` over to the pack in `to`: its lock stops being refreshed here, its weights
         and record go to its run dir."""
-        lock = self.locks.get(member.run_dir)
+        lock = self.locks.get(member.run_dir) or next(
+            (k for k in self.taken if k.run_dir == member.run_dir), None
+        )
         if lock is not None:
             lock.hand_over()
+        member.tracker.close()  # its last records written before the receiver resumes its run
         record = {
             "id": member.id,
             "from": str(self.home),

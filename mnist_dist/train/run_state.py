@@ -62,9 +62,9 @@ class RunState(EarlyTermination):
         )
         if engine.is_main and self.home not in [m.run_dir for m in self.members]:
             private_dir(self.home, "pack dir")
-        self._restore_members(self.progress)
+        handed = self._restore_members(self.progress)
         for member in self.members:
-            if member.moved is None:
+            if member.moved is None and id(member) not in handed:
                 member.out.create(member.history)
                 member.out.write_config(member.cfg)
         self.started = bool(self.members[0].history)
@@ -73,6 +73,7 @@ class RunState(EarlyTermination):
         todo = remaining(self.cfgs, self.progress)
         if resume_from is not None:
             self._resume(resume_from, done=not todo)
+        self._hand_on(handed)
         return todo
 
     def _resume(self, path: Path, done: bool) -> None:
