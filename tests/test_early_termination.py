@@ -111,9 +111,11 @@ def test_each_member_is_bitwise_its_run_without_early_termination_and_the_packs_
     for mid in _members(root):
         pack = load_json(root / "members" / mid / "run.json")["pack"]
         sizes[pack["dir"]] = pack["sizes"]
+    moved = any(load_json(root / "members" / mid / "run.json").get("moves") for mid in _members(root))
     for series in sizes.values():
         counts = [s["members"] for s in series]
-        assert counts[0] == 4 and counts == sorted(counts, reverse=True) and counts[-1] < 4, series
+        assert counts[0] == 4 and counts[-1] < 4, series
+        assert moved or counts == sorted(counts, reverse=True), f"it grows only by a move: {series}"
     assert "early termination after epoch 1" in out
     status = json.loads(ok(run_cli("sweep", "status", root, "--json", env=data_env)).stdout)
     assert status["counts"]["terminated"] == len(stopped) and status["counts"]["done"] == 8 - len(stopped)
