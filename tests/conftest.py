@@ -317,3 +317,19 @@ def hyperband_replay(histories: dict[str, list[float]], bands: list[int], eta: i
             stopped[run.name] = band
             alive.discard(run.name)
     return stopped
+
+
+def sweep_members(root: Path) -> list[str]:
+    """The member ids of the sweep in `root`, in sweep.json's order."""
+    return [m["id"] for m in load_json(root / "sweep.json")["members"]]
+
+
+def metric_entries(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl, but for seconds."""
+    return without_seconds([json.loads(line) for line in (run_dir / "metrics.jsonl").open()])
+
+
+def stopped_members(root: Path) -> dict[str, int]:
+    """Each member of the sweep in `root` that early termination stopped, and its epoch (run.json)."""
+    runs = {mid: load_json(root / "members" / mid / "run.json") for mid in sweep_members(root)}
+    return {mid: r["early_terminate"]["epoch"] for mid, r in runs.items() if r["status"] == "terminated"}

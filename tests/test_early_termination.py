@@ -19,7 +19,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, hyperband_replay, load_json, ok, pack_processes, run_cli, without_seconds
+from conftest import (
+    ROOT,
+    hyperband_replay,
+    load_json,
+    metric_entries,
+    ok,
+    pack_processes,
+    run_cli,
+    stopped_members,
+    sweep_members,
+)
 
 SHARED = pytest.mark.xdist_group("early-termination")  # one worker for the tests that share the sweeps
 
@@ -47,24 +57,6 @@ def _args(spec: Path, root: Path, *extra: str) -> list[str]:
     return ["sweep", "run", str(spec), *PHASES, "--tracker", "none", "--output-dir", str(root), *extra]
 
 
-def _members(root: Path) -> list[str]:
-    return [m["id"] for m in load_json(root / "sweep.json")["members"]]
-
-
-def _entries(run_dir: Path) -> list[dict]:
-    return without_seconds([json.loads(line) for line in (run_dir / "metrics.jsonl").open()])
-
-
-def _stopped(root: Path) -> dict[str, int]:
-    """Each terminated member and the epoch it stopped at, from run.json."""
-    out = {}
-    for mid in _members(root):
-        run = load_json(root / "members" / mid / "run.json")
-        if run["status"] == "terminated":
-            out[mid] = run["early_terminate"]["epoch"]
-    return out
-
-
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> tuple[Path, Path, str]:
     """(the sweep with early termination, the same grid trained to the end with --pack off, the first
@@ -80,13 +72,15 @@ def sweeps(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> tuple[Pa
 def test_the_members_stopped_are_those_wandbs_engine_decides(sweeps: tuple[Path, Path, str]):
     root, _, out = sweeps
     assert "2 member(s) in" not in out and "pack pack-" in out, "two pack processes"
-    histories = {mid: [e["val_acc"] for e in _entries(root / "members" / mid)] for mid in _members(root)}
+    histories = {
+        mid: [e["val_acc"] for e in metric_entries(root / "members" / mid)] for mid in sweep_members(root)
+    }
     expected = hyperband_replay(histories, bands=[1, 3], eta=3)
     alive = set(histories) - set(expected)
     assert expected and alive, f"the grid stops some members and keeps others: {expected}"
-    assert _stopped(root) == expected
+    assert stopped_members(root) == expected
     for mid, band in expected.items():
-        epochs = [e["epoch"] for e in _entries(root / "members" / mid)]
+        epochs = [e["epoch"] for e in metric_entries(root / "members" / mid)]
         assert epochs == list(range(band + 1)), f"{mid}: ends at its band, each epoch logged once"
         run = load_json(root / "members" / mid / "run.json")
         decision = run["early_terminate"]
@@ -100,18 +94,18 @@ def test_each_member_is_bitwise_its_run_without_early_termination_and_the_packs_
     sweeps: tuple[Path, Path, str], data_env: dict
 ):
     root, full, out = sweeps
-    stopped = _stopped(root)
-    for mid in _members(root):
-        mine, reference = _entries(root / "members" / mid), _entries(full / "members" / mid)
+    stopped = stopped_members(root)
+    for mid in sweep_members(root):
+        mine, reference = metric_entries(root / "members" / mid), metric_entries(full / "members" / mid)
         assert mine == reference[: len(mine)], mid
         assert len(mine) == (stopped[mid] + 1 if mid in stopped else 5), mid
         # Stopped or not, a member ends with its plots (a stopped one's drawn when its pack ends).
         assert (root / "members" / mid / "loss.png").read_bytes()[:4] == b"\x89PNG", mid
     sizes = {}
-    for mid in _members(root):
+    for mid in sweep_members(root):
         pack = load_json(root / "members" / mid / "run.json")["pack"]
         sizes[pack["dir"]] = pack["sizes"]
-    moved = any(load_json(root / "members" / mid / "run.json").get("moves") for mid in _members(root))
+    moved = any(load_json(root / "members" / mid / "run.json").get("moves") for mid in sweep_members(root))
     for series in sizes.values():
         counts = [s["members"] for s in series]
         assert counts[0] == 4 and counts[-1] < 4, series
@@ -153,13 +147,15 @@ def test_a_kill_mid_way_and_a_rerun_stop_the_same_members_bitwise(
     assert "completed" not in {load_json(r).get("status") for r in root.glob("members/*/run.json")}, "mid-way"
     again = ok(run_cli(*_args(tmp_path / "et.yaml", root), env=data_env))
     assert "resuming from" in again.stdout
-    assert _stopped(root) == _stopped(reference)
-    for mid in _members(root):
-        assert _entries(root / "members" / mid) == _entries(reference / "members" / mid), mid
+    assert stopped_members(root) == stopped_members(reference)
+    for mid in sweep_members(root):
+        assert metric_entries(root / "members" / mid) == metric_entries(reference / "members" / mid), mid
     retried = ok(run_cli(*_args(tmp_path / "et.yaml", root, "--retry-terminated"), env=data_env))
-    assert f"{len(_stopped(reference))} trained" in retried.stdout and "0 terminated" in retried.stdout
-    for mid in _members(root):
-        assert _entries(root / "members" / mid) == _entries(full / "members" / mid), f"{mid}: to the end"
+    assert f"{len(stopped_members(reference))} trained" in retried.stdout and "0 terminated" in retried.stdout
+    for mid in sweep_members(root):
+        assert metric_entries(root / "members" / mid) == metric_entries(full / "members" / mid), (
+            f"{mid}: to the end"
+        )
         assert load_json(root / "members" / mid / "run.json")["status"] == "completed"
 
 
@@ -243,8 +239,8 @@ def test_an_adaptive_sweep_on_slurm_is_workers_without_a_server(
     log = next((root / "submitit").glob(f"{job}_1_0_log.out")).read_text()
     assert "restart 1" in log and "preempted" in log
     stopped = 0
-    for mid in _members(root):
-        epochs = [e["epoch"] for e in _entries(root / "members" / mid)]
+    for mid in sweep_members(root):
+        epochs = [e["epoch"] for e in metric_entries(root / "members" / mid)]
         assert epochs == list(range(len(epochs))), f"{mid}: each epoch trained once: {epochs}"
         run = load_json(root / "members" / mid / "run.json")
         if run["status"] == "terminated":
@@ -255,7 +251,7 @@ def test_an_adaptive_sweep_on_slurm_is_workers_without_a_server(
             assert decision["threshold"] in decision["values_at_band"], "the values it used are recorded"
     assert stopped >= 1, "hyperband stopped a member"
     took = set(load_json(root / "workers" / "task-0.json")) | set(load_json(taken))
-    assert took == set(_members(root)), (
+    assert took == set(sweep_members(root)), (
         "the workers took every member (the preempted pack maybe twice: resumed)"
     )
 

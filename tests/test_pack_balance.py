@@ -10,7 +10,6 @@ away) and the receiver's (it takes the member from the handover again)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -21,7 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, hyperband_replay, load_json, ok, pack_processes, run_cli, without_seconds
+from conftest import (
+    ROOT,
+    hyperband_replay,
+    load_json,
+    metric_entries,
+    ok,
+    pack_processes,
+    run_cli,
+    stopped_members,
+    sweep_members,
+)
 
 SHARED = pytest.mark.xdist_group("pack-balance")  # one worker for the tests that share the sweeps
 
@@ -50,10 +59,6 @@ def _args(spec: Path, root: Path, *extra: str) -> list[str]:
     return ["sweep", "run", str(spec), *PHASES, "--output-dir", str(root), *extra]
 
 
-def _members(root: Path) -> list[str]:
-    return [m["id"] for m in load_json(root / "sweep.json")["members"]]
-
-
 def _by_lr(root: Path) -> dict[float, Path]:
     return {
         m["params"]["phases.0.lr"]: root / "members" / m["id"]
@@ -63,20 +68,11 @@ def _by_lr(root: Path) -> dict[float, Path]:
 
 def _stopped_lrs(root: Path) -> dict[float, int]:
     ids = {d.name: lr for lr, d in _by_lr(root).items()}
-    return {ids[mid]: band for mid, band in _stopped(root).items()}
-
-
-def _entries(run_dir: Path) -> list[dict]:
-    return without_seconds([json.loads(line) for line in (run_dir / "metrics.jsonl").open()])
-
-
-def _stopped(root: Path) -> dict[str, int]:
-    runs = {mid: load_json(root / "members" / mid / "run.json") for mid in _members(root)}
-    return {mid: r["early_terminate"]["epoch"] for mid, r in runs.items() if r["status"] == "terminated"}
+    return {ids[mid]: band for mid, band in stopped_members(root).items()}
 
 
 def _moves(root: Path) -> dict[str, list[dict]]:
-    runs = {mid: load_json(root / "members" / mid / "run.json") for mid in _members(root)}
+    runs = {mid: load_json(root / "members" / mid / "run.json") for mid in sweep_members(root)}
     return {mid: r["moves"] for mid, r in runs.items() if r.get("moves")}
 
 
@@ -91,7 +87,7 @@ def _same(a: Path, b: Path) -> bool:
     the same weights."""
     import torch
 
-    mine, theirs = _entries(a), _entries(b)
+    mine, theirs = metric_entries(a), metric_entries(b)
     if mine != theirs[: len(mine)]:
         return False
     wa, wb = _weights(a), _weights(b)
@@ -126,8 +122,10 @@ def test_a_member_moves_and_every_member_is_bitwise_its_run(balanced: tuple[Path
     from mnist_dist.track import wandb_file
 
     root, full, out = balanced
-    histories = {mid: [e["val_acc"] for e in _entries(root / "members" / mid)] for mid in _members(root)}
-    assert _stopped(root) == hyperband_replay(histories, bands=[1, 2], eta=2)
+    histories = {
+        mid: [e["val_acc"] for e in metric_entries(root / "members" / mid)] for mid in sweep_members(root)
+    }
+    assert stopped_members(root) == hyperband_replay(histories, bands=[1, 2], eta=2)
     moves = _moves(root)
     assert len(moves) == 1, moves
     [(mid, [move])] = moves.items()
@@ -202,15 +200,17 @@ def test_a_kill_after_the_move_and_a_rerun_end_bitwise_the_same(
         assert (giver / "checkpoints" / "epoch-0001").is_dir(), "the checkpoint before the band"
     again = ok(run_cli(*_args(tmp_path / "bal.yaml", root, *NONE), env=data_env))
     assert ("resuming from" in again.stdout) == (lose != "checkpoints"), again.stdout
-    histories = {mid: [e["val_acc"] for e in _entries(root / "members" / mid)] for mid in _members(root)}
-    assert _stopped(root) == hyperband_replay(histories, bands=[1, 2] if min_iter == 1 else [2], eta=2)
+    histories = {
+        mid: [e["val_acc"] for e in metric_entries(root / "members" / mid)] for mid in sweep_members(root)
+    }
+    assert stopped_members(root) == hyperband_replay(histories, bands=[1, 2] if min_iter == 1 else [2], eta=2)
     if min_iter == 1:
         assert _stopped_lrs(root) == _stopped_lrs(reference)
     assert sorted(_moves(root)) == [p.parent.parent.name for p in handed], "the same member moved"
     theirs = _by_lr(full)
     for lr, run_dir in _by_lr(root).items():
         assert _same(run_dir, theirs[lr]), lr
-        epochs = [e["epoch"] for e in _entries(run_dir)]
+        epochs = [e["epoch"] for e in metric_entries(run_dir)]
         assert epochs == sorted(set(epochs)), f"{lr}: each epoch once"
 
 

@@ -85,15 +85,20 @@ def wait(
         time.sleep(0.02)
 
 
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of every handover of the member, band by band (unreadable ones left out)."""
+    out = []
+    for meta in sorted(folder(run_dir).glob("band-*.json")):
+        with contextlib.suppress(OSError, ValueError):
+            out.append(json.loads(meta.read_text()))
+    return out
+
+
 def given_by(run_dir: Path, home: Path, after_epoch: int) -> dict[str, Any] | None:
     """The handover of this member by the pack in `home` at a band after `after_epoch`: the member
     moved on from that pack after its checkpoint was saved."""
-    for meta in sorted(folder(run_dir).glob("band-*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            record = json.loads(meta.read_text())
-            if record.get("from") == str(home) and record.get("band", 0) > after_epoch:
-                return record
-    return None
+    found = (r for r in _records(run_dir) if r.get("from") == str(home) and r.get("band", 0) > after_epoch)
+    return next(found, None)
 
 
 def clear(run_dir: Path) -> None:
@@ -110,9 +115,4 @@ def owner(run_dir: Path) -> str | None:
 
 def moves(run_dir: Path) -> list[dict[str, Any]]:
     """Each move of the member between packs, in order: after_epoch, from, to (for run.json)."""
-    out = []
-    for meta in sorted(folder(run_dir).glob("band-*.json")):
-        with contextlib.suppress(OSError, ValueError):
-            record = json.loads(meta.read_text())
-            out.append({"after_epoch": record["band"], "from": record["from"], "to": record["to"]})
-    return out
+    return [{"after_epoch": r["band"], "from": r["from"], "to": r["to"]} for r in _records(run_dir)]

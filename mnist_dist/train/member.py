@@ -120,11 +120,15 @@ class Member:
         self.info["train_seconds"] = seconds
         self.end(TERMINATED, early_terminate=decision)
 
-    def end(self, status: str, **facts: Any) -> None:
-        self.info.update(status=status, end_time=provenance.now(), **facts)
+    def note_moves(self) -> None:
+        """run.json's `moves`: each move between packs at a band (from the handovers in its run dir)."""
         moves = handover.moves(self.run_dir)
         if moves:
             self.info["moves"] = moves
+
+    def end(self, status: str, **facts: Any) -> None:
+        self.info.update(status=status, end_time=provenance.now(), **facts)
+        self.note_moves()
         if (self.run_dir / "config.yaml").exists():
             with contextlib.suppress(WriteFault):  # the disk that failed may refuse this too
                 self.out.write_run_info(self.info)

@@ -57,12 +57,8 @@ class _Group(nn.Module):
     def member(self, at: int) -> dict[str, torch.Tensor]:
         """Member `at`'s weights, as MnistModel's state dict."""
         k = self.size
-        return {
-            "linear1.weight": self.w1.view(k, -1, self.w1.shape[1])[at],
-            "linear1.bias": self.b1.view(k, -1)[at],
-            "linear2.weight": self.w2.view(k, -1, self.w2.shape[1])[at],
-            "linear2.bias": self.b2.view(k, -1)[at],
-        }
+        params = {key: getattr(self, name) for name, key in _KEYS.items()}
+        return {key: p.view(k, -1, *p.shape[1:])[at] for key, p in params.items()}
 
 
 class MnistPack(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
-from mnist_dist.store import checkpoint, handover, provenance
+from mnist_dist.store import checkpoint, provenance
 from mnist_dist.store.checkpoint import ResumePoint
 from mnist_dist.store.faults import WriteFault
 from mnist_dist.store.outputs import history_entry, plot_all
@@ -203,9 +203,7 @@ class RunState(EarlyTermination):
         plot_all([(member.out, member.history) for member in drawn], usable_cpus())
         for _, member in finished:
             member.info.update(status="completed", end_time=provenance.now())
-            moves = handover.moves(member.run_dir)
-            if moves:
-                member.info["moves"] = moves
+            member.note_moves()
             member.out.write_run_info(member.info)
         self.console.done(seconds, [m.history for _, m in finished if m.history])
         ours = self.members[: len(self.cfgs)]  # those that joined report to their own packs' callers
