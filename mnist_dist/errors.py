@@ -7,6 +7,12 @@ class UserError(Exception):
     """Bad input (config, CLI value, data file, run directory): say what is wrong and how to fix it."""
 
 
+class BandTimeout(TimeoutError):
+    """The packs of a sweep's wave did not meet at a hyperband band (a peer's band file, or a member
+    it hands over, never came): another pack process ended or stalled. Not the members' fault: they
+    are recorded `fault` and resume on a rerun."""
+
+
 class ExitCode(IntEnum):
     """What an exit code means, for every command, task and pack process of this project."""
 

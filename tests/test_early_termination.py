@@ -159,6 +159,54 @@ def test_a_kill_mid_way_and_a_rerun_stop_the_same_members_bitwise(
         assert load_json(root / "members" / mid / "run.json")["status"] == "completed"
 
 
+def test_a_pack_that_does_not_arrive_at_a_band_is_a_fault_and_the_rerun_resumes(
+    tmp_path: Path, data_env: dict
+):
+    """Two packs of one; one is stopped (SIGSTOP: alive, never at band 1): the other waits
+    MNIST_DIST_BAND_TIMEOUT seconds, says so in one line, exits 1 and records its member `fault`, not
+    `failed` (not the member's fault: the same command resumes it, without --retry-failed)."""
+    spec = tmp_path / "two.yaml"
+    spec.write_text(
+        GRID.replace("  phases.1.lr: {values: [0.1, 0.5]}\n", "").replace("[0, 1]", "[0]") + EARLY
+    )
+    root, short = tmp_path / "two", ["--phases", "1x0.5,1x0.1"]
+    command = [sys.executable, "-m", "mnist_dist.cli", *_args(spec, root, *short)]
+    env = {**data_env, "MNIST_DIST_BAND_TIMEOUT": "2"}
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while len(packs := pack_processes(root)) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, "the packs did not start"
+        time.sleep(0.01)
+    os.kill(packs[0], signal.SIGSTOP)  # before its first epoch: the pack start alone takes seconds
+    try:
+        while len(pack_processes(root)) > 1:  # the other one, timed out at band 1
+            assert time.monotonic() < deadline, "the pack that arrived did not give up waiting"
+            time.sleep(0.05)
+    finally:
+        os.kill(packs[0], signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+    _, stderr = proc.communicate()
+    said = [line for line in stderr.splitlines() if "did not arrive" in line]
+    assert len(said) == 1 and said[0].startswith("error: hyperband band 1: waited 2 s"), stderr[-3000:]
+    assert "Traceback" not in stderr
+    written = [root / "members" / mid / "run.json" for mid in sweep_members(root)]
+    runs = [load_json(path) for path in written if path.is_file()]  # the stalled one's may be missing
+    faults = [r for r in runs if r["status"] == "fault"]
+    assert len(faults) == 1 and "did not arrive" in faults[0]["error"], runs
+    again = ok(run_cli(*_args(spec, root, *short), env=data_env))
+    assert "0 failed" in again.stdout and "0 stopped" in again.stdout, again.stdout
+    ends = {load_json(root / "members" / mid / "run.json")["status"] for mid in sweep_members(root)}
+    assert ends <= {"completed", "terminated"}, ends
+
+
 @pytest.mark.parametrize(
     ("early", "said"),
     [

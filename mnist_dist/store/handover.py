@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mnist_dist.errors import BandTimeout
 from mnist_dist.store.atomic import write_atomic
 
 
@@ -67,7 +68,7 @@ def read(run_dir: Path, band: int, giver: Path, to: Path) -> tuple[dict[str, Any
 def wait(
     run_dir: Path, band: int, giver: Path, to: Path, timeout: float, gone: Callable[[], bool]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The handover at `band` by `giver` to `to`, once it is there; TimeoutError after `timeout`
+    """The handover at `band` by `giver` to `to`, once it is there; BandTimeout after `timeout`
     seconds, or once the giver is `gone` (ended) without it: it resumes from its checkpoint and gives
     it then."""
     deadline = time.monotonic() + timeout
@@ -81,7 +82,7 @@ def wait(
             if found is not None:
                 return found
             why = "ended without handing it over" if ended else f"did not hand it over in {timeout:g} s"
-            raise TimeoutError(f"member {run_dir.name} at band {band}: its pack {why}; run the sweep again")
+            raise BandTimeout(f"member {run_dir.name} at band {band}: its pack {why}; run the sweep again")
         time.sleep(0.02)
 
 

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mnist_dist.errors import UserError
+from mnist_dist.errors import BandTimeout, UserError
 from mnist_dist.sweep import hyperband
 from mnist_dist.sweep.layout import SweepDir
 
@@ -165,7 +165,7 @@ class Judge:
 
     def receive(self, move: dict[str, str], band: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """The handover (record, weights) of a member that `move`s into this pack at `band`, once its
-        giver wrote it; TimeoutError once the giver ended without it, or after the band's wait."""
+        giver wrote it; BandTimeout once the giver ended without it, or after the band's wait."""
         from mnist_dist.store import handover
 
         giver, ended = Path(move["from"]), bands_dir(Path(move["from"])) / ENDED
@@ -188,9 +188,10 @@ class Judge:
                 elif (bands_dir(peer) / ENDED).is_file():
                     waiting.remove(peer)
             if waiting and time.monotonic() > deadline:
-                raise TimeoutError(
+                raise BandTimeout(
                     f"hyperband band {band}: waited {self.wait:g} s for the pack(s) "
-                    f"{', '.join(str(p) for p in waiting)}, which did not arrive ({TIMEOUT} sets the wait)"
+                    f"{', '.join(str(p) for p in waiting)}, which did not arrive ({TIMEOUT} sets the wait); "
+                    "run the sweep again"
                 )
             if waiting:
                 time.sleep(0.05)

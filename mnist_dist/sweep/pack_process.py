@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.errors import ExitCode, UserError
+from mnist_dist.errors import BandTimeout, ExitCode, UserError
 from mnist_dist.sweep.local import CLAIMED_BY, RELAYED
 from mnist_dist.sweep.pack_dirs import home, read_pack
 from mnist_dist.train.stopping import Preempted, StopFlag, stop_on_signals
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.STOPPED
     except WriteFault as e:
         return _say(f"{e}; fix that and run the same command again", ExitCode.FAULT)
+    except BandTimeout as e:
+        return _say(str(e), ExitCode.FAULT)
     except KeyboardInterrupt:
         return ExitCode.INTERRUPTED
     return ExitCode.OK

@@ -12,8 +12,9 @@ A member is one of STATES, read from its run dir (never from a process's memory,
   band: its run dir holds what a finished run's does, up to that epoch (run.json `terminated`, with
   the decision). `--retry-terminated` trains it again, to the end.
 - stopped: it will resume from its checkpoint: a requested stop (SIGTERM, SIGUSR2, Ctrl-C,
-  preemption; run.json `preempted`/`interrupted`), a fault of the machine (a full disk, an I/O error;
-  run.json `fault` with the cause) or a process that died (run.json still `running`, its lock stale).
+  preemption; run.json `preempted`/`interrupted`), a fault of the machine (a full disk, an I/O error)
+  or of the sweep's other processes (packs that did not meet at a band; run.json `fault` with the
+  cause) or a process that died (run.json still `running`, its lock stale).
   The same command resumes it.
 
 The claim: a runner takes the run dir locks of all of a pack's members at once, or of none, at the

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mnist_dist.config import TrainConfig
-from mnist_dist.errors import UserError
+from mnist_dist.errors import BandTimeout, UserError
 from mnist_dist.store import checkpoint, provenance
 from mnist_dist.store.checkpoint import ResumePoint
 from mnist_dist.store.faults import WriteFault
@@ -236,13 +236,14 @@ class RunState(EarlyTermination):
                 member.end("preempted", stopped_at={"epoch": p.epoch, "step": p.at.step})
 
     def failed(self, e: BaseException) -> None:
-        """Ctrl-C (`interrupted`), a fault of the machine (`fault`: a full disk, an I/O error; the
-        members are not to blame and resume) or any other error (`failed`) in run.json, once the run
-        directory has its config; a no-op after a stop that was saved (status `preempted`)."""
+        """Ctrl-C (`interrupted`), a fault of the machine or of the sweep's other processes (`fault`: a
+        full disk, an I/O error, packs that did not meet at a band; the members are not to blame and
+        resume) or any other error (`failed`) in run.json, once the run directory has its config; a
+        no-op after a stop that was saved (status `preempted`)."""
         if isinstance(e, UserError):  # bad input changes nothing
             return
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        if isinstance(e, WriteFault):
+        if isinstance(e, (WriteFault, BandTimeout)):
             status = "fault"
         for member in self.members:
             if member.info["status"] == "running":
