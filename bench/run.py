@@ -272,7 +272,8 @@ def shared_cores(args: argparse.Namespace) -> dict[str, Any]:
     if run_wait4(run)["returncode"]:
         raise RuntimeError("the lone local run failed")
     out: dict[str, Any] = {"local, alone": [_train_seconds(tmp / "alone")]}
-    for label, extra in (("local, 2 at once", ()), ("local, 2 at once, --threads 1", ("--threads", "1"))):
+    pairs = [("local, 2 at once", ()), ("local, 2 at once, --threads 1", ("--threads", "1"))]
+    for label, extra in pairs[1:] if args.quick else pairs:  # --quick: the pair a user sharing cores runs
         dirs = [tmp / f"{label}-{i}".replace(" ", "").replace(",", "") for i in range(2)]
         _at_once([[PY, *train_args(args, d, *extra, device="cpu")] for d in dirs])
         out[label] = [_train_seconds(d) for d in dirs]
@@ -397,7 +398,11 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="1 repetition, 1 epoch per phase, 1 seed")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 repetition, 1 epoch per phase, 1 seed, start-up once, two jobs at once only with --threads 1",
+    )
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("MNIST_DIST_DATA_DIR", "data")))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seeds", type=int, default=5)
@@ -439,7 +444,7 @@ def main() -> None:
         rows[name] = []
         measure(Contender(name, args), 0, rows, results, clock, args)
     if clock.left() > 60 or args.budget is None:
-        results["startup"] = startup(3 if args.quick else 7)
+        results["startup"] = startup(1 if args.quick else 7)
     if not args.no_two_processes and args.device != "cuda":
         results["two_processes"] = two_processes(args)
     if not args.no_shared_cores and args.device != "cuda":
