@@ -418,3 +418,24 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(tmp_path: Path
     history = load_json(out / "history.json")
     assert [e["epoch"] for e in history] == [0, 1, 2, 3]
     assert load_json(out / "run.json")["status"] == "completed"
+
+
+def test_a_run_imports_no_compiler_and_no_sharding(tmp_path: Path, data_env: dict[str, str]):
+    """Accelerate's questions (compiled? DTensor?) and torch.optim's dynamo guards are answered without
+    importing the parts of torch that hold the answers: a run and its checkpoints never load
+    torch._dynamo, DTensor or FSDP (seconds of every process's start-up), and the run is the same."""
+    script = (
+        "import sys\nfrom mnist_dist.cli import main\ntry:\n    main(sys.argv[1:])\n"
+        "finally:\n    heavy = ('torch._dynamo', 'torch.distributed.tensor', 'torch.distributed.fsdp')\n"
+        "    print('LOADED', [m for m in heavy if m in sys.modules])\n"
+    )
+    args = ["train", "-c", ROOT / "configs/smoke.yaml", "--output-dir", tmp_path / "run", "--progress", "off"]
+    proc = ok(
+        subprocess.run(
+            [sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=data_env
+        )
+    )
+    assert "LOADED []" in proc.stdout, proc.stdout[-500:]
+    history = load_json(tmp_path / "run/history.json")
+    assert len(history) == 3 and history[-1]["val_acc"] > 0.9
+    assert (tmp_path / "run/checkpoints/epoch-0002").is_dir()

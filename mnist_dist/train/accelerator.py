@@ -1,5 +1,6 @@
-"""The Accelerator of a run, made once per process: the launcher's environment put right first, and
-the device and precision the config asks for checked.
+"""The Accelerator of a run, made once per process: the launcher's environment put right first,
+Accelerate's questions about compiled and sharded models answered without importing the parts of
+torch that hold the answers, and the device and precision the config asks for checked.
 
 The only module that imports Accelerate (its version aside, read for run.json): the engine gets
 what it uses of Accelerate from here.
@@ -7,9 +8,13 @@ what it uses of Accelerate from here.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
+import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -18,7 +23,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 
-__all__ = ["Accelerator", "DistributedType", "gather_object", "make_accelerator", "set_seed"]
+__all__ = ["Accelerator", "DistributedType", "gather_object", "make_accelerator", "set_seed", "unwrap"]
 
 # What torchrun, `accelerate launch --multi_gpu` and submitit export for torch.distributed.
 _WORLD_ENV = (
@@ -40,9 +45,51 @@ def _no_world_of_one() -> None:
             os.environ.pop(name, None)
 
 
+# What each of Accelerate's questions below needs imported before its answer can be yes.
+_ANSWERED_BY = {
+    "is_compiled_module": ("torch._dynamo",),
+    "has_compiled_regions": ("torch._dynamo",),
+    "model_has_dtensor": ("torch.distributed.tensor", "torch.distributed._tensor"),
+}
+
+
+def _no_needless_imports() -> None:
+    """Accelerate asks whether a model was compiled (`torch._dynamo...`) or holds DTensors (`from
+    torch.distributed.tensor import DTensor`) when it prepares or saves one, and each question
+    imports a large part of torch (torch._dynamo pulls in FSDP and sympy too): seconds of every
+    process's start-up (bench/results/SUITE.md) in a project that never compiles or shards. A module
+    can only be compiled, or hold a DTensor, once that part of torch is imported: ask sys.modules
+    first, the same answers without the imports (tests/test_train.py checks they stay out)."""
+    import accelerate.accelerator
+    from accelerate.utils import other
+
+    for module in (other, accelerate.accelerator):
+        for name, needed in _ANSWERED_BY.items():
+            asks = getattr(module, name, None)
+            if asks is None or hasattr(asks, "__wrapped__"):
+                continue
+
+            @functools.wraps(asks)
+            def sooner(model: torch.nn.Module, asks: Any = asks, needed: tuple = needed) -> bool:
+                return any(part in sys.modules for part in needed) and asks(model)
+
+            setattr(module, name, sooner)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP's wrapper (with several processes), else `model`. Not
+    Accelerator.unwrap_model, which imports FSDP's package to ask whether it is one of its."""
+    ddp = torch.nn.parallel.DistributedDataParallel
+    return model.module if isinstance(model, ddp) else model
+
+
 def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
     """The Accelerator for this config; device and precision are checked here and nowhere else."""
     _no_world_of_one()
+    _no_needless_imports()
+    # What the first backward with a gradient tensor imports (torch/autograd/__init__.py, _make_grads:
+    # sympy, most of a second), imported here, before the training clock, not in epoch 1.
+    importlib.import_module("torch.fx.experimental.symbolic_shapes")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' was asked for but no GPU is visible; use --device auto or cpu")
     if cfg.precision == "fp16" and not torch.cuda.is_available():

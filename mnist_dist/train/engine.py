@@ -38,6 +38,7 @@ from mnist_dist.train.accelerator import (
     gather_object,
     make_accelerator,
     set_seed,
+    unwrap,
 )
 from mnist_dist.train.member_scaler import MemberGradScaler
 from mnist_dist.train.member_sgd import MemberSGD
@@ -189,7 +190,7 @@ class Engine(Processes):
         lrs = [torch.full((size,), cfg.phases[0].lr) for size in model.sizes]
         optimizer = MemberSGD(model.member_parameters(), lrs)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-        self.core: MnistPack = self.accelerator.unwrap_model(self.model)  # its steps, its members
+        self.core: MnistPack = unwrap(self.model)  # its steps, its members
         # A GPU needs a pack's members in one batched matmul per product; on a CPU each member makes
         # its own products, bitwise its run alone (member_linear.py).
         self.core.batched = self.device.type == "cuda" and len(self.core) > 1

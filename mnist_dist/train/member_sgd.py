@@ -28,6 +28,12 @@ class MemberSGD(torch.optim.Optimizer):
         self._params: list[tuple[torch.Tensor, torch.Tensor, int, int]] = []
         self._shape_lrs()
 
+    # torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
+    # torch._dynamo: seconds of every run's start-up (bench/results/SUITE.md), for an optimizer that
+    # is never compiled. The methods themselves, unwrapped:
+    add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__  # type: ignore[attr-defined]
+    state_dict = torch.optim.Optimizer.state_dict.__wrapped__  # type: ignore[attr-defined]
+
     def set_lrs(self, lrs: torch.Tensor) -> None:
         """lrs: one per member, over all groups in order."""
         if any(g["lr"].device != g["params"][0].device for g in self.param_groups):
@@ -61,7 +67,7 @@ class MemberSGD(torch.optim.Optimizer):
         self._shape_lrs()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+        torch.optim.Optimizer.load_state_dict.__wrapped__(self, state_dict)  # type: ignore[attr-defined]
         self._shape_lrs()
 
     @torch.no_grad()
