@@ -15,10 +15,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mnist_dist.errors import UserError
 from mnist_dist.store.datafiles import SOURCES
+from mnist_dist.yamlfile import dump_yaml, parse_yaml, read_yaml
 
 MNIST_TRAIN_SIZE = 60_000
 # Bounds: every number is checked here before it reaches torch or numpy (whose seeds are 32-bit).
@@ -34,10 +43,10 @@ class _Strict(BaseModel):
 
 
 class Phase(_Strict):
-    """One fit() call of the tutorial: `epochs` epochs of SGD at learning rate `lr`."""
+    """One fit() call of the tutorial: `epochs` epochs at learning rate `lr` (of the `optimizer`)."""
 
     epochs: int = Field(ge=1, le=EPOCHS_MAX, description="epochs in this phase")
-    lr: float = Field(description="SGD learning rate, a finite number > 0")
+    lr: float = Field(description="learning rate, a finite number > 0")
 
     @field_validator("lr")
     @classmethod
@@ -61,6 +70,46 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     hidden_size: int = Field(default=32, ge=1, le=HIDDEN_MAX)
+
+
+class OptimizerConfig(_Strict):
+    """The optimizer, with torch.optim's semantics (train/member_optimizer.py): the tutorial's plain
+    SGD by default; the lr is each phase's. In a pack, each member has its own values."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """SGD: torch.optim.SGD's momentum (dampening 0); 0 = none, the tutorial's."""
+    nesterov: bool = False
+    """SGD: Nesterov momentum (needs momentum > 0)."""
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    """SGD, Adam: L2 penalty added to the gradient; AdamW: decoupled decay (torch's default there is
+    0.01; here 0 unless set)."""
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999], min_length=2, max_length=2)
+    """Adam, AdamW: the decay rates of the gradient's moving averages, each in [0, 1)."""
+    eps: float = Field(default=1e-8, gt=0.0, le=1.0)
+    """Adam, AdamW: added to the denominator."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: list[float]) -> list[float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be a number in [0, 1), e.g. [0.9, 0.999]")
+        return v
+
+    @model_validator(mode="after")
+    def _keys_of_this_optimizer(self) -> OptimizerConfig:
+        if self.name != "sgd" and (self.momentum or self.nesterov):
+            raise ValueError(f"momentum and nesterov are SGD's, not {self.name}'s: leave them out")
+        if self.name == "sgd" and (self.betas != [0.9, 0.999] or self.eps != 1e-8):
+            raise ValueError("betas and eps are Adam's and AdamW's: leave them out or use name: adam")
+        if self.nesterov and not self.momentum:
+            raise ValueError("nesterov needs momentum > 0 (as torch.optim.SGD)")
+        return self
+
+    @property
+    def stateful(self) -> bool:
+        """Whether it keeps a state per parameter (momentum buffers, Adam's moments)."""
+        return self.name != "sgd" or self.momentum > 0
 
 
 class WandbConfig(_Strict):
@@ -119,10 +168,19 @@ class TrainConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    """The optimizer (`optimizer: adam` is `optimizer: {name: adam}`); left out of config.yaml, ids
+    and fingerprints while it is the default."""
     max_requeues: int = Field(default=3, ge=0, le=1000)
     """On SLURM: times a preempted or timed-out job requeues itself before giving up."""
     sweep: SweepMember | None = None
     """Which sweep this run is a member of (set by `mnist-dist sweep`); None for a single run."""
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_by_name(cls, v: Any) -> Any:
+        # `optimizer: adam`, as W&B's sweep guide sweeps it (`optimizer: {values: [adam, sgd]}`).
+        return {"name": v} if isinstance(v, str) else v
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -140,6 +198,15 @@ class TrainConfig(_Strict):
             )
         return self
 
+    @model_serializer(mode="wrap")
+    def _without_default_optimizer(self, handler: Any) -> dict[str, Any]:
+        # The tutorial's SGD is what every run before this key trained with: its dump, and so every
+        # member id, fingerprint and config.yaml, stays as it was (their checkpoints still resume).
+        dumped = handler(self)
+        if self.optimizer == OptimizerConfig():
+            dumped.pop("optimizer", None)
+        return dumped
+
     @property
     def total_epochs(self) -> int:
         return sum(p.epochs for p in self.phases)
@@ -156,7 +223,7 @@ class TrainConfig(_Strict):
         return resolve_data_dir(self.data.dir)
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, sort_keys=False)
+        return dump_yaml(self.model_dump(mode="json"))
 
     def fingerprint(self) -> str:
         """Hash of what decides the numbers (not where they are written), for checkpoints."""
@@ -241,53 +308,6 @@ def build_config(raw: dict[str, Any], origin: str = "config") -> TrainConfig:
         errors = e.errors()
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise UserError(f"{origin}: {_explain(errors[0], raw)}{more}") from None
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2 booleans: only true/false. PyYAML follows YAML 1.1, where on/off/yes/no are booleans,
-    so `cuda_graphs: off` or `--set precision=no` would reach the schema as False."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-# YAML 1.2 floats too: YAML 1.1 wants a dot and a signed exponent, so `lr: 1e-3` would be a string.
-FLOAT_1_2 = re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$")
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_1_2, list("-+0123456789."))
-
-
-class _Dumper(yaml.SafeDumper):
-    """Quotes every string that YAML 1.1 or _Loader would read as something else (`no`, or a member
-    id such as 61770e5363, a float to YAML 1.2), so config.yaml reads back the same anywhere."""
-
-
-_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_1_2, list("-+0123456789."))
-
-
-def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader: no arbitrary objects
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"config file {path} not found; pass an existing YAML file, e.g. configs/seed.yaml")
-    try:
-        data = parse_yaml(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {path} cannot be read as text ({e}); pass a YAML file") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise UserError(f"{path}: malformed YAML{line}; fix the syntax (see configs/seed.yaml)") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
-    return data
 
 
 def parse_phases(text: str) -> list[dict[str, Any]]:

@@ -113,6 +113,19 @@ ROWS = [
         "'checkpoint.every_epochs' = -1",
     ),
     Row("train-threads-0", "train --threads 0", "'threads' = 0"),
+    Row("train-optimizer-unknown", "train --set optimizer=rmsprop", "'optimizer.name' = 'rmsprop'"),
+    Row("train-optimizer-momentum-1", "train --set optimizer.momentum=1", "'optimizer.momentum' = 1"),
+    Row(
+        "train-optimizer-beta-1",
+        "train --set optimizer.name=adam --set optimizer.betas=[0.9,1.0]",
+        "'optimizer.betas' = [0.9, 1.0]: each beta must be a number in [0, 1)",
+    ),
+    Row(
+        "train-optimizer-momentum-of-adam",
+        "train --config {tmp}/bad.yaml",
+        "momentum and nesterov are SGD's, not adam's",
+        {"bad.yaml": "optimizer: {name: adam, momentum: 0.9}\n"},
+    ),
     Row("train-max-requeues-negative", "train --set max_requeues=-1", "'max_requeues' = -1"),
     # train: values of another shape.
     Row("train-name-path", "train --name ../evil", "'name' = '../evil'"),
@@ -124,8 +137,8 @@ ROWS = [
     Row(
         "train-config-bad-key",
         "train --config {tmp}/bad.yaml",
-        "unknown key 'optimizer'",
-        {"bad.yaml": "optimizer: adam\n"},
+        "unknown key 'optimiser'",
+        {"bad.yaml": "optimiser: adam\n"},
     ),
     Row(
         "train-config-not-text",
@@ -164,8 +177,8 @@ ROWS = [
     Row(
         "evaluate-config-bad-key",
         "evaluate {tmp}/run --json",
-        "unknown key 'optimizer'",
-        {**RUN, "run/config.yaml": "optimizer: adam\n"},
+        "unknown key 'optimiser'",
+        {**RUN, "run/config.yaml": "optimiser: adam\n"},
     ),
     # plot
     Row(
@@ -276,6 +289,12 @@ ROWS = [
         "sweep submit {tmp}/s.yaml --partition cpu --workers 0",
         "--workers 0: from 1 to 1024",
         {"s.yaml": BAYES},
+    ),
+    Row(  # a grid whose combinations include one no optimizer has: refused before anything trains
+        "sweep-run-momentum-of-adam",
+        "sweep run {tmp}/s.yaml",
+        "momentum and nesterov are SGD's, not adam's",
+        {"s.yaml": SPEC + "  optimizer.name: {values: [sgd, adam]}\n  optimizer.momentum: {values: [0.9]}\n"},
     ),
     Row(
         "sweep-run-hyperband-past-the-last-epoch",

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, load_json, run_history
 
 STAND_IN = """
@@ -144,16 +146,16 @@ cuda_graphs.capture = capture""",
 # Each phase's lrs written into new tensors, not the captured ones: the engine must capture again.
 REPLACED_LRS = STAND_IN.replace(
     "cuda_graphs.capture = capture",
-    """from mnist_dist.train import member_sgd
-real_set_lrs = member_sgd.MemberSGD.set_lrs
+    """from mnist_dist.train import member_optimizer
+real_set_lrs = member_optimizer.MemberOptimizer.set_lrs
 
-def replacing(self, lrs):
+def replacing(self, lrs, alive=None):
     for group in self.param_groups:
         group["lr"] = group["lr"].clone()
-    self._shape_lrs()
-    real_set_lrs(self, lrs)
+    self._shape()
+    real_set_lrs(self, lrs, alive)
 
-member_sgd.MemberSGD.set_lrs = replacing
+member_optimizer.MemberOptimizer.set_lrs = replacing
 cuda_graphs.capture = capture""",
 )
 # ... and had the engine kept its graph anyway (graphs were once kept by the lrs' values), the
@@ -172,13 +174,19 @@ def train(out: Path, env: dict[str, str], *extra: str, script: str = STAND_IN, p
     return proc, json.loads(line.removeprefix("GRAPHS "))
 
 
-def test_graph_steps_give_the_eager_run_history(tmp_path: Path, data_env: dict[str, str]):
-    eager, counts = train(tmp_path / "eager", data_env, "--set", "cuda_graphs=off")
+MOMENTUM = ("--set", "optimizer.momentum=0.9", "--set", "optimizer.weight_decay=0.001")
+
+
+@pytest.mark.parametrize("optimizer", [(), MOMENTUM], ids=["sgd", "sgd-momentum"])
+def test_graph_steps_give_the_eager_run_history(optimizer: tuple, tmp_path: Path, data_env: dict[str, str]):
+    """With momentum the captured step also updates the momentum buffers and step counts in place
+    (and the warm-up's are put back)."""
+    eager, counts = train(tmp_path / "eager", data_env, "--set", "cuda_graphs=off", *optimizer)
     assert eager.returncode == 0, eager.stderr[-3000:]
     assert counts == {"captures": 0, "replays": 0}
     assert load_json(tmp_path / "eager/run.json")["cuda_graphs"]["applies"] is False
 
-    graphs, counts = train(tmp_path / "graphs", data_env)
+    graphs, counts = train(tmp_path / "graphs", data_env, *optimizer)
     assert graphs.returncode == 0, graphs.stderr[-3000:]
     assert "capture failed" not in graphs.stdout + graphs.stderr
     # 50,000 images in batches of 128: 390 full batches replayed and 1 short one run eagerly, an

@@ -338,38 +338,39 @@ def test_workers_take_disjoint_members_and_run_cap_holds_across_them(tmp_path: P
 
 
 def test_members_leave_a_pack_exactly_while_a_steps_graph_is_alive():
-    """MnistPack.keep/relayout + MemberSGD.regroup, no training data: after one step of a pack of 4
+    """MnistPack.keep/relayout + MemberOptimizer.regroup, no training data: after one step of a pack of 4
     (two seeds), with that step's graph still referenced (as a traceback or a cycle may hold it),
     members 0 and 3 leave; the next step works and gives each survivor bitwise what a pack of only the
     survivors gives. Then a member of another pack joins (seed 1: it merges into the seed-1 group)
     and every member steps on bitwise as in the pack it came from."""
     import torch
 
-    from mnist_dist.train.member_sgd import MemberSGD
+    from mnist_dist.train.member_optimizer import PLAIN, MemberOptimizer
     from mnist_dist.train.model import MnistPack
 
     torch.set_num_threads(1)
     x, y = torch.rand(7, 784), torch.randint(0, 10, (7,))
 
-    def step(pack: MnistPack, opt: MemberSGD) -> torch.Tensor:
+    def step(pack: MnistPack, opt: MemberOptimizer) -> torch.Tensor:
         loss = pack.training_step(pack(x), y)
         loss.backward(torch.ones(len(pack)))
         opt.update()
         opt.clear()
         return loss
 
-    def make(seeds: list[int], lrs: list[float]) -> tuple[MnistPack, MemberSGD]:
+    def make(seeds: list[int], lrs: list[float]) -> tuple[MnistPack, MemberOptimizer]:
         pack = MnistPack.seeded(seeds, 32)
         per, start = [], 0
         for size in pack.sizes:
             per.append(torch.tensor(lrs[start : start + size]))
             start += size
-        return pack, MemberSGD(pack.member_parameters(), per)
+        return pack, MemberOptimizer(pack.member_parameters(), per)
 
     pack, opt = make([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
     held = step(pack, opt)  # its graph stays alive
+    carried = [opt.member_state(1), opt.member_state(2)]
     pack.keep([1, 2])
-    opt.regroup(pack.member_parameters(), [torch.tensor([0.2]), torch.tensor([0.3])])
+    opt.regroup(pack.member_parameters(), pack.sizes, [PLAIN] * 2, carried)
     step(pack, opt)
     assert held.shape == (4,) and pack.sizes == [1, 1] and pack.group_seeds == [0, 1]
     alone, alone_opt = make([0, 1], [0.2, 0.3])
@@ -381,8 +382,9 @@ def test_members_leave_a_pack_exactly_while_a_steps_graph_is_alive():
 
     other, other_opt = make([1, 2], [0.5, 0.6])
     step(other, other_opt)
+    carried = [opt.member_state(0), opt.member_state(1), other_opt.member_state(0)]
     pack.relayout([pack.member_state_dict(i) for i in range(2)] + [other.member_state_dict(0)], [0, 1, 1])
-    opt.regroup(pack.member_parameters(), [torch.tensor([0.2]), torch.tensor([0.3, 0.5])])
+    opt.regroup(pack.member_parameters(), pack.sizes, [PLAIN] * 3, carried)
     assert pack.sizes == [1, 2] and pack.group_seeds == [0, 1]
     step(pack, opt), step(alone, alone_opt), step(other, other_opt)
     before = [alone.member_state_dict(0), alone.member_state_dict(1), other.member_state_dict(0)]

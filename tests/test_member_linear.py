@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_dist.train.member_sgd import MemberSGD
+from mnist_dist.train.member_optimizer import MemberOptimizer
 from mnist_dist.train.model import MnistModel, MnistPack
 
 from conftest import ROOT, env_with
@@ -59,7 +59,9 @@ def _step(pack: MnistPack, xs: list[torch.Tensor], ys: list[torch.Tensor], lrs: 
     val_loss, correct = pack.validation_step(out.detach(), y)
     groups = pack.member_parameters()
     starts = [sum(pack.sizes[:g]) for g in range(len(groups))]
-    sgd = MemberSGD(groups, [torch.tensor(lrs[a : a + n]) for a, n in zip(starts, pack.sizes, strict=True)])
+    sgd = MemberOptimizer(
+        groups, [torch.tensor(lrs[a : a + n]) for a, n in zip(starts, pack.sizes, strict=True)]
+    )
     (losses.sum() * 0.5).backward()  # a loss weight, as a short batch or a process share has
     grads = [[p.grad.clone() for p in params] for params in groups]
     sgd.update()

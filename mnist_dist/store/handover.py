@@ -5,9 +5,10 @@ what the giving pack hands over, in the member's own run dir.
     RUN_DIR/handover/band-0003.json          who gave it to whom, its history, tracker run and config
 
 The json is written last, atomically: once it is there the weights are whole. A member's whole state
-at an epoch's end is these: plain SGD keeps no state, and its data order is a function of its seed
-and the epoch. The files stay, so that a rerun after a kill finds the same move again: the giver
-knows the member is no longer its own, the receiver takes it from here.
+at an epoch's end is these: plain SGD keeps no state (an optimizer that does keeps its members:
+Engine.can_move), and its data order is a function of its seed and the epoch. The files stay, so
+that a rerun after a kill finds the same move again: the giver knows the member is no longer its
+own, the receiver takes it from here.
 """
 
 from __future__ import annotations

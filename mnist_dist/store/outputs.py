@@ -137,7 +137,8 @@ def plot_all(runs: list[tuple[RunDir, list[dict[str, Any]]]], cpus: int) -> None
 
 def read_run(path: Path) -> tuple[TrainConfig, list[dict[str, Any]]]:
     """(config, history) of a finished run directory, or UserError saying what is missing."""
-    from mnist_dist.config import build_config, read_yaml
+    from mnist_dist.config import build_config
+    from mnist_dist.yamlfile import read_yaml
 
     if not path.is_dir():
         raise UserError(f"run dir {path} does not exist; pass the --output-dir of a training run")

@@ -1,8 +1,10 @@
 """Which members of a sweep train together as one stacked model (a pack), and how many fit.
 
-The rule: members pack together when their configs differ only in `seed` and in the lr of each
-phase (same model size, batch sizes, accumulation, validation split, data, number of epochs in
-each phase, precision, device, threads, checkpoint cadence, tracker settings). Within a pack,
+The rule: members pack together when their configs differ only in `seed`, in the lr of each phase
+and in their optimizer's hyperparameters (momentum, Nesterov, weight decay, betas, eps; not in the
+optimizer itself: SGD, Adam or AdamW): the same model size, batch sizes, accumulation, validation
+split, data, number of epochs in each phase, precision, device, threads, checkpoint cadence, tracker
+settings. Within a pack,
 members of one seed are adjacent, so they share one gathered batch per step (model.MnistPack).
 
 Sizes: a pack holds at most `--max-pack` members, and at most what half of this machine's available
@@ -32,9 +34,11 @@ class HasConfig(Protocol):
 
 
 def key(cfg: TrainConfig) -> str:
-    """What members of one pack share: the config but for where it goes, its seed and its lrs."""
-    what = cfg.model_dump(mode="json", exclude={"name", "output_dir", "sweep", "seed"})
+    """What members of one pack share: the config but for where it goes, its seed, its lrs and its
+    optimizer's hyperparameters (the optimizer itself, by name, they share)."""
+    what = cfg.model_dump(mode="json", exclude={"name", "output_dir", "sweep", "seed", "optimizer"})
     what["phases"] = [p["epochs"] for p in what["phases"]]
+    what["optimizer"] = cfg.optimizer.name
     return json.dumps(what, sort_keys=True)
 
 

@@ -26,11 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mnist_dist.config import NAME_PATTERN, TrainConfig, build_config, parse_yaml, raw_config, set_key
+from mnist_dist.config import NAME_PATTERN, TrainConfig, build_config, raw_config, set_key
 from mnist_dist.errors import UserError
 from mnist_dist.sweep import engine
 from mnist_dist.sweep.engine import Parameter
 from mnist_dist.sweep.layout import SweepDir
+from mnist_dist.yamlfile import parse_yaml
 
 SPEC_KEYS = {"name", "method", "base", "parameters", "metric", "run_cap", "count", "early_terminate"}
 NOTED = {"program", "command", "project", "entity", "description", "controller", "apiVersion", "kind"}

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -23,7 +23,18 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from mnist_dist.config import TrainConfig
 from mnist_dist.errors import UserError
 
-__all__ = ["Accelerator", "DistributedType", "gather_object", "make_accelerator", "set_seed", "unwrap"]
+if TYPE_CHECKING:
+    from mnist_dist.train.member_scaler import MemberGradScaler
+
+__all__ = [
+    "Accelerator",
+    "DistributedType",
+    "gather_object",
+    "make_accelerator",
+    "set_seed",
+    "step_functions",
+    "unwrap",
+]
 
 # What torchrun, `accelerate launch --multi_gpu` and submitit export for torch.distributed.
 _WORLD_ENV = (
@@ -106,3 +117,24 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
                 project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
             ),
         )
+
+
+def step_functions(accelerator: Accelerator, optimizer: Any, scaler: MemberGradScaler | None) -> tuple:
+    """(optimizer step, zero_grad, backward(loss, gradient)) for the prepared optimizer.
+
+    Accelerate's optimizer wrapper and backward add per-call work that costs more than this model's
+    whole step on a CPU (bench/results/OPTIMISATION.md), and do nothing else here without a grad
+    scaler of Accelerate's (fp16's is the engine's own, per member). So call what they wrap:
+    MemberOptimizer's step and zero_grad, without torch.optim's hooks and profiler records. XLA keeps
+    Accelerate's.
+    """
+    if accelerator.distributed_type == DistributedType.XLA:
+        return optimizer.step, functools.partial(optimizer.zero_grad, set_to_none=True), accelerator.backward
+    inner = optimizer.optimizer
+    if scaler is None:
+        return inner.update, inner.clear, torch.Tensor.backward
+
+    def scaled_backward(loss: torch.Tensor, gradient: torch.Tensor) -> None:
+        loss.backward(gradient=scaler.loss_gradient(gradient))
+
+    return functools.partial(scaler.step, inner), inner.clear, scaled_backward

@@ -21,14 +21,16 @@ from typing import Any
 import torch
 
 # One step of the engine: the batch's rows ([groups, batch]) -> its losses per member (detached), after
-# the SGD update.
+# the optimizer's update.
 Step = Callable[[torch.Tensor], torch.Tensor]
 
 
 def applies(cfg: Any, device: torch.device, world: int) -> bool:
-    """One process on a GPU, full precision, no accumulation: a full step is then one graph."""
+    """One process on a GPU, full precision, no accumulation, SGD (Adam computes its bias corrections
+    on the host each step: member_optimizer.py): a full step is then one graph."""
     return (
         cfg.cuda_graphs == "auto"
+        and cfg.optimizer.name == "sgd"
         and device.type == "cuda"
         and world == 1
         and cfg.precision == "no"
@@ -60,8 +62,8 @@ def capture(step: Callable[[], None], zero_grad: Callable[[], None]) -> Callable
 
 class CapturedStep:
     """A step captured with `buffers` (the tensors it reads by address that the engine may replace:
-    the lrs); `replay(rows)` trains on those rows, `take_loss_sum()` returns each member's summed
-    losses of the replays since the last call."""
+    the optimizer's lrs and hyperparameters); `replay(rows)` trains on those rows, `take_loss_sum()`
+    returns each member's summed losses of the replays since the last call."""
 
     def __init__(
         self,
@@ -69,7 +71,7 @@ class CapturedStep:
         rows_shape: tuple[int, int],
         members: int,
         buffers: list[torch.Tensor],
-        params: Iterable[torch.nn.Parameter],
+        restored: Iterable[torch.Tensor],
         zero_grad: Callable[[], None],
         device: torch.device,
     ) -> None:
@@ -82,9 +84,9 @@ class CapturedStep:
         def one_step() -> None:
             self.loss_sum += step(self.rows).double()
 
-        # The warm-up trains, so put the weights back afterwards, also when capture fails and the
-        # engine falls back to eager steps.
-        params = list(params)
+        # The warm-up trains, so put the weights and the optimizer's state (`restored`) back
+        # afterwards, also when capture fails and the engine falls back to eager steps.
+        params = list(restored)
         saved = [p.detach().clone() for p in params]
         try:
             self._replay = capture(one_step, zero_grad)

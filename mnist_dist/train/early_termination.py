@@ -139,7 +139,8 @@ class EarlyTermination:
         at = {id(m): i for i, m in enumerate(self.live)}
         order = [at[id(m)] if id(m) in at else joining[id(m)] for m in live]
         batches = [self.train] if self.train is not None else []
-        self.engine.rearrange(order, [m.cfg.seed for m in live], *batches)
+        optimizers = [m.cfg.optimizer.model_dump() for m in live]
+        self.engine.rearrange(order, [m.cfg.seed for m in live], optimizers, *batches)
         self.live = live
 
     def _balanced(
@@ -151,7 +152,7 @@ class EarlyTermination:
         the checkpoint, which then holds the members this pack trains on."""
         if self.judge is None or not entries:  # a pack with no one left to train ends (its peers see it)
             return entries
-        movable = self.engine.can_shrink and self.home not in {m.run_dir for m in self.members}
+        movable = self.engine.can_move and self.home not in {m.run_dir for m in self.members}
         moves = self.judge.balance(epoch, [(m.id, m.run_dir) for m, _ in entries], movable)
         home = str(self.home)
         gives = {mv["id"]: mv["to"] for mv in moves if mv["from"] == home}

@@ -15,7 +15,6 @@ epoch and leaves history rows, printing, failures and the run's files to run_sta
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import time
 import warnings
@@ -33,15 +32,14 @@ from mnist_dist.store.checkpoint import ResumePoint
 from mnist_dist.track import trackers as tracking
 from mnist_dist.train import cuda_graphs, data, threads
 from mnist_dist.train.accelerator import (
-    Accelerator,
-    DistributedType,
     gather_object,
     make_accelerator,
     set_seed,
+    step_functions,
     unwrap,
 )
+from mnist_dist.train.member_optimizer import MemberOptimizer
 from mnist_dist.train.member_scaler import MemberGradScaler
-from mnist_dist.train.member_sgd import MemberSGD
 from mnist_dist.train.model import MnistPack
 from mnist_dist.train.stopping import Preempted, StopFlag
 
@@ -55,27 +53,6 @@ class EpochResult:
     metrics: list[dict[str, Any]]
     train_loss: list[float]
     seconds: float
-
-
-def _step_functions(accelerator: Accelerator, optimizer: Any, scaler: MemberGradScaler | None) -> tuple:
-    """(optimizer step, zero_grad, backward(loss, gradient)) for the prepared optimizer.
-
-    Accelerate's optimizer wrapper and backward add per-call work that costs more than this model's
-    whole step on a CPU (bench/results/OPTIMISATION.md), and do nothing else here without a grad
-    scaler of Accelerate's (fp16's is the engine's own, per member). So call what they wrap:
-    MemberSGD's step and zero_grad, without torch.optim's hooks and profiler records. XLA keeps
-    Accelerate's.
-    """
-    if accelerator.distributed_type == DistributedType.XLA:
-        return optimizer.step, functools.partial(optimizer.zero_grad, set_to_none=True), accelerator.backward
-    sgd = optimizer.optimizer
-    if scaler is None:
-        return sgd.update, sgd.clear, torch.Tensor.backward
-
-    def scaled_backward(loss: torch.Tensor, gradient: torch.Tensor) -> None:
-        loss.backward(gradient=scaler.loss_gradient(gradient))
-
-    return functools.partial(scaler.step, sgd), sgd.clear, scaled_backward
 
 
 class Processes:
@@ -159,7 +136,7 @@ class Processes:
 
 
 class Engine(Processes):
-    """The prepared model, its SGD optimizer and the step, on the processes, from construction on."""
+    """The prepared model, its optimizer and the step, on the processes, from construction on."""
 
     def __init__(
         self,
@@ -167,15 +144,17 @@ class Engine(Processes):
         run_dir: Path,
         build_model: Callable[[], MnistPack],
         stop: StopFlag | None = None,
+        optimizers: list[dict[str, Any]] | None = None,
     ) -> None:
+        """`optimizers`: each member's optimizer settings (OptimizerConfig's dump); None: cfg's."""
         super().__init__(cfg, run_dir)
         try:
-            self._prepare(build_model, stop)
+            self._prepare(build_model, stop, optimizers)
         except BaseException:
             self.close()  # the process group, if one was built
             raise
 
-    def _prepare(self, build_model: Callable[[], MnistPack], stop: StopFlag | None) -> None:
+    def _prepare(self, build_model: Callable[[], MnistPack], stop: StopFlag | None, optimizers: Any) -> None:
         """The world checked against the config; the model (after seeding), its optimizer and the
         step functions."""
         cfg = self.cfg
@@ -188,7 +167,8 @@ class Engine(Processes):
         set_seed(cfg.seed)  # before the model is built: its initial weights follow the seed
         model = build_model()
         lrs = [torch.full((size,), cfg.phases[0].lr) for size in model.sizes]
-        optimizer = MemberSGD(model.member_parameters(), lrs)
+        settings = optimizers or [cfg.optimizer.model_dump()] * len(model)
+        optimizer = MemberOptimizer(model.member_parameters(), lrs, settings)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.core: MnistPack = unwrap(self.model)  # its steps, its members
         # A GPU needs a pack's members in one batched matmul per product; on a CPU each member makes
@@ -198,7 +178,7 @@ class Engine(Processes):
         # as the losses' gradient: each member's gradient is its own loss's, a frozen member's none.
         self.loss_grad = torch.ones(len(self.core), device=self.device)
         self.scaler = MemberGradScaler.in_place_of(self.accelerator, self.optimizer, len(self.core))
-        self.optimizer_step, self.zero_grad, self.backward = _step_functions(
+        self.optimizer_step, self.zero_grad, self.backward = step_functions(
             self.accelerator, self.optimizer, self.scaler
         )
         self.graphs = cuda_graphs.StepGraphs(cuda_graphs.applies(cfg, self.device, self.world), self.print)
@@ -234,14 +214,13 @@ class Engine(Processes):
 
     def set_lrs(self, lrs: list[float]) -> None:
         """Each member's lr for the next steps; a frozen member's stays 0."""
-        values = torch.tensor(lrs, dtype=torch.float32, device=self.device)
-        self.optimizer.optimizer.set_lrs(values * self.loss_grad)  # lrs are finite: x 1 or x 0 exactly
+        self.optimizer.optimizer.set_lrs(lrs, self.loss_grad)
 
     def freeze(self, members: list[int]) -> None:
         """Stop training these members (their loss went non-finite): lr 0 and out of the loss, so
         the others go on exactly as without them."""
         self.loss_grad[members] = 0.0
-        self.set_lrs([group_lr for group in self.optimizer.param_groups for group_lr in group["lr"].tolist()])
+        self.set_lrs(self.optimizer.optimizer.host_lrs)
 
     @property
     def can_shrink(self) -> bool:
@@ -249,31 +228,39 @@ class Engine(Processes):
         the wrapped model's parameters are fixed, so members that stop are frozen instead."""
         return self.world == 1 and self.scaler is None
 
+    @property
+    def can_move(self) -> bool:
+        """Whether members can move to another pack: their weights are then all they carry (an
+        optimizer that keeps a state per parameter, momentum or Adam's, keeps its members)."""
+        return self.can_shrink and not self.optimizer.optimizer.stateful
+
     def rearrange(
-        self, members: list[int | dict[str, torch.Tensor]], seeds: list[int], *batches: data.ShardedBatches
+        self,
+        members: list[int | dict[str, torch.Tensor]],
+        seeds: list[int],
+        optimizers: list[dict[str, Any]],
+        *batches: data.ShardedBatches,
     ) -> None:
         """The pack becomes these members, in this order (MnistPack.relayout), with the optimizer and
         the loss: each the position of a member in it now (its weights, its lr and whether it is
-        frozen carry over), or the weights (MnistModel's layout) of one that joins from another pack
-        (alive, its lr set with the others' by the next `set_lrs`); `seeds` are theirs, and `batches`
-        draw for the new groups. Each member is computed as before. Only where `can_shrink`."""
-        lrs = [lr for group in self.optimizer.param_groups for lr in group["lr"]]
-        zero = torch.zeros((), device=self.device)
-        states, new_lrs, alive = [], [], []
+        frozen carry over, and its optimizer state), or the weights (MnistModel's layout) of one that
+        joins from another pack (alive, its lr set with the others' by the next `set_lrs`); `seeds`
+        and `optimizers` (their settings) are theirs, and `batches` draw for the new groups. Each
+        member is computed as before. Only where `can_shrink`."""
+        optim = self.optimizer.optimizer
+        states, alive, carried = [], [], []
         for at in members:
             if isinstance(at, int):
                 states.append(self.core.member_state_dict(at))
-                new_lrs.append(lrs[at])
                 alive.append(self.loss_grad[at])
+                carried.append(optim.member_state(at))
             else:
                 states.append({k: v.to(self.device) for k, v in at.items()})
-                new_lrs.append(zero)
-                alive.append(zero + 1)
+                alive.append(torch.ones((), device=self.device))
+                carried.append(None)
         self.core.relayout(states, seeds)
         self.loss_grad = torch.stack(alive) if alive else torch.ones(0, device=self.device)
-        per_member = torch.stack(new_lrs) if new_lrs else torch.zeros(0, device=self.device)
-        per_group = list(per_member.split(self.core.sizes))
-        self.optimizer.optimizer.regroup(self.core.member_parameters(), per_group)
+        optim.regroup(self.core.member_parameters(), self.core.sizes, optimizers, carried)
         for b in batches:
             b.seeds = tuple(self.core.group_seeds)
         self.graphs.reset()  # captured for the old shapes
@@ -288,7 +275,7 @@ class Engine(Processes):
         first_epoch: int,
         resume_at: ResumePoint = ResumePoint(),
     ) -> Iterator[EpochResult]:
-        """`epochs` epochs of SGD at `lrs` (one per member) from `first_epoch` (entered at
+        """`epochs` epochs at `lrs` (one per member) from `first_epoch` (entered at
         `resume_at`), yielding each. A member whose train_loss is not finite is for the caller to
         `freeze`.
 
@@ -351,15 +338,17 @@ class Engine(Processes):
             return loss.detach()
 
         shape = (len(self.core.group_seeds), train.batch_size)
-        buffers, params = self.graph_buffers(), self.model.parameters()
+        restored = [*self.model.parameters(), *self.optimizer.optimizer.tensors()]
         return cuda_graphs.CapturedStep(
-            step, shape, len(self.core), buffers, params, self.zero_grad, self.device
+            step, shape, len(self.core), self.graph_buffers(), restored, self.zero_grad, self.device
         )
 
     def graph_buffers(self) -> list[torch.Tensor]:
-        """The tensors a captured step reads by address that the engine may replace: the lrs (a
-        checkpoint load brings new ones). `loss_grad` and the weights are only ever changed in place."""
-        return [group["lr"] for group in self.optimizer.param_groups]
+        """The tensors a captured step reads by address that the engine may replace: the lrs and the
+        optimizer's other tensors (a checkpoint load brings new ones). `loss_grad` and the weights are
+        only ever changed in place."""
+        groups = self.optimizer.param_groups
+        return [t for group in groups for key, t in group.items() if key != "params" and torch.is_tensor(t)]
 
     def _loss_sum(
         self, losses: list[torch.Tensor], graph: cuda_graphs.CapturedStep | None, start: ResumePoint

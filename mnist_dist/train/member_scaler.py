@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mnist_dist.train.member_sgd import MemberSGD
+from mnist_dist.train.member_optimizer import MemberOptimizer
 
 
 class MemberGradScaler:
@@ -67,7 +67,7 @@ class MemberGradScaler:
         return gradient * self.scale
 
     @torch.no_grad()
-    def step(self, optimizer: MemberSGD) -> None:
+    def step(self, optimizer: MemberOptimizer) -> None:
         """Unscale each member's gradients, step the members whose gradients are finite, update the
         scales (GradScaler.update's rule, per member)."""
         inv_scale = self.scale.double().reciprocal().float()  # as GradScaler unscales

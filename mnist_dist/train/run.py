@@ -64,7 +64,9 @@ def run_pack(
     for cfg in cfgs:
         check_output_dir(cfg.run_dir())
     seeds = [cfg.seed for cfg in cfgs]
-    engine = Engine(cfgs[0], home, lambda: MnistPack.seeded(seeds, cfgs[0].model.hidden_size), stop)
+    optimizers = [cfg.optimizer.model_dump() for cfg in cfgs]
+    hidden = cfgs[0].model.hidden_size
+    engine = Engine(cfgs[0], home, lambda: MnistPack.seeded(seeds, hidden), stop, optimizers)
     try:
         taken = [] if locks else own(engine, [cfg.run_dir() for cfg in cfgs])
     except BaseException:
