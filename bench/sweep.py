@@ -207,9 +207,12 @@ def solo_check(args: argparse.Namespace, packed: Path, tmp: Path) -> dict[str, A
 
     wanted = dict(pair.split("=", 1) for pair in args.solo.split(",") if pair)
 
-    def value(cfg: dict[str, Any], dotted: str) -> str:
+    def value(cfg: dict[str, Any], dotted: str) -> str | None:
         for part in dotted.split("."):
-            cfg = cfg[int(part)] if isinstance(cfg, list) else cfg[part]
+            try:
+                cfg = cfg[int(part)] if isinstance(cfg, list) else cfg[part]
+            except (KeyError, IndexError):  # a key at its default is left out (the optimizer's)
+                return None
         return str(cfg)
 
     for run_dir in members(packed):

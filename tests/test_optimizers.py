@@ -274,3 +274,40 @@ def test_the_optimizer_is_swept_by_w_and_bs_names(tmp_path: Path):
     spec = sweeps.read_spec(tmp_path / "m.yaml")
     with pytest.raises(UserError, match="nesterov needs momentum > 0"):  # nesterov at momentum 0
         sweeps.members(spec, tmp_path / "m", {}, None)
+
+
+HYPERBAND = """
+name: momentum-hyperband
+method: grid
+metric: {name: val_acc, goal: maximize}
+parameters:
+  optimizer.momentum: {values: [0.5, 0.9]}
+  phases.0.lr: {values: [0.003, 0.3]}
+  seed: {values: [0, 1]}
+"""
+
+
+def test_members_with_momentum_leave_a_pack_at_a_band_and_the_survivors_are_their_runs(tmp_path, data_env):
+    """Hyperband stops members while their packs train: the packs shrink with each survivor's momentum
+    buffer carried over; every survivor is bitwise its full `--pack off` run, every stopped member's
+    history the start of its full run's."""
+    phases = ("--phases", "2x0.1,2x0.01")
+    (tmp_path / "full.yaml").write_text(HYPERBAND)
+    (tmp_path / "early.yaml").write_text(
+        HYPERBAND + "early_terminate: {type: hyperband, min_iter: 1, eta: 3}\n"
+    )
+    ok(sweep(tmp_path / "full.yaml", tmp_path / "full", data_env, *phases, "--pack", "off"))
+    proc = ok(sweep(tmp_path / "early.yaml", tmp_path / "early", data_env, *phases))
+    assert "early termination after epoch 1 stopped" in proc.stdout
+    full, survivors = member_dirs(tmp_path / "full"), 0
+    for member, run_dir in member_dirs(tmp_path / "early").items():
+        info = load_json(run_dir / "run.json")
+        if info["status"] == "completed":
+            survivors += 1
+            assert_bitwise(run_dir, full[member])
+            assert info["pack"]["sizes"][-1]["members"] < info["pack"]["sizes"][0]["members"], info["pack"]
+        else:
+            assert info["status"] == "terminated"
+            history = run_history(run_dir)
+            assert history == run_history(full[member])[: len(history)], member
+    assert 1 <= survivors < 8

@@ -287,6 +287,9 @@ def test_pack_size_follows_the_memory(tmp_path: Path):
     cfg = _members(tmp_path, SPEC)[0].cfg
     per = packs.member_bytes(cfg)
     assert 500_000 < per < 1_000_000, per  # about 0.7 MB for the seed config
+    for optimizer in ({"momentum": 0.9}, {"name": "adam"}):  # their state, its copies and scratch
+        with_state = TrainConfig.model_validate({**cfg.model_dump(), "optimizer": optimizer})
+        assert packs.member_bytes(with_state) > 1.5 * per, optimizer
     assert packs.size_cap(cfg, None, available=100 * per) == 50, "half the available memory"
     assert packs.size_cap(cfg, 8, available=100 * per) == 8
     assert packs.size_cap(cfg, None, available=10**15) == packs.MAX_PACK

@@ -8,8 +8,9 @@ settings. Within a pack,
 members of one seed are adjacent, so they share one gathered batch per step (model.MnistPack).
 
 Sizes: a pack holds at most `--max-pack` members, and at most what half of this machine's available
-memory holds (MEMBER_BYTES: weights, gradients, update and checkpoint copies, one batch's activations;
-about 0.7 MB for the seed config), and never more than MAX_PACK. A sweep's members are split into as
+memory holds (member_bytes: weights, gradients, update and checkpoint copies, the optimizer's state
+and scratch, one batch's activations; about 0.7 MB for the seed config, 1.2 MB with momentum, 1.6 MB
+with Adam), and never more than MAX_PACK. A sweep's members are split into as
 many packs as it has worker processes (locally: one per usable CPU; on SLURM: one per array task),
 each pack one process with one thread, no communication: how a sweep is packed never changes a
 member's numbers (one thread makes a member's arithmetic the same in a pack of any size).
@@ -44,11 +45,15 @@ def key(cfg: TrainConfig) -> str:
 
 def member_bytes(cfg: TrainConfig) -> int:
     """Memory one member adds to a pack (float32): weights, gradient, update, two checkpoint copies,
+    the optimizer's state (with its two checkpoint copies) and scratch (train/member_optimizer.py),
     and the activations of one training and one validation batch."""
     h = cfg.model.hidden_size
     params = 784 * h + h + h * 10 + 10
     activations = cfg.batch_size * (3 * h + 40) + cfg.val_batch_size * (2 * h + 30)
-    return 4 * (5 * params + activations)
+    opt = cfg.optimizer
+    state = 2 if opt.name != "sgd" else 1 if opt.momentum else 0
+    scratch = 3 if opt.name != "sgd" else 2 if opt.momentum or opt.weight_decay else 0
+    return 4 * ((5 + 3 * state + scratch) * params + activations)
 
 
 def available_bytes() -> int | None:

@@ -23,7 +23,7 @@ SGD with momentum; Adam computes its bias corrections on the host each step, so 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -113,9 +113,10 @@ class MemberOptimizer(torch.optim.Optimizer):
             k = group["lr"].numel()
             mine = carried[start : start + k]
             for i, p in enumerate(group["params"]):
-                fresh = torch.zeros_like(p.view(k, -1)[:1])
                 self.state[p] = {
-                    name: torch.cat([m[i][name].to(p.device) if m else fresh for m in mine]).view_as(p)
+                    name: torch.cat(
+                        [m[i][name].to(p.device) if m else _fresh(p, k, name) for m in mine]
+                    ).view_as(p)
                     for name in self._buffers()
                 }
             start += k
@@ -157,6 +158,7 @@ class MemberOptimizer(torch.optim.Optimizer):
         # CPU), and each parameter's lr per row, shaped to broadcast over it: made once per change,
         # not once a step.
         self._params, self._starts, first = [], [], 0
+        self._scratch: dict[torch.Tensor, list[torch.Tensor]] = {}
         for group in self.param_groups:
             device = group["params"][0].device
             for key in ("lr", "step", *_HYPER):
@@ -168,6 +170,8 @@ class MemberOptimizer(torch.optim.Optimizer):
                 self._params.append((p, rows, first, lr.numel()))
             self._starts.append(first)
             first += lr.numel()
+        sizes = [g["lr"].numel() for g in self.param_groups]
+        self._kinds = [_kinds(self.settings[a : a + n]) for a, n in zip(self._starts, sizes, strict=True)]
         self._derive()
 
     def tensors(self) -> list[torch.Tensor]:
@@ -245,29 +249,44 @@ class MemberOptimizer(torch.optim.Optimizer):
                     step = torch.where(keep, step.view(k, -1), 0.0).view_as(p)
                 p.sub_(step)
             return
-        for start, group in zip(self._starts, self.param_groups, strict=True):
+        for start, group, kinds in zip(self._starts, self.param_groups, self._kinds, strict=True):
             k = group["lr"].numel()
             active = group["lr"] != 0  # frozen members have lr 0
             if finite is not None:
                 active = active & finite[start : start + k]
-            h = {key: group[key].view(k, 1) for key in ("lr", "step", "decay", *_HYPER)}
+            # Every member steps (none frozen, no scaler): no member needs selecting out.
+            rows = None if finite is None and all(self._alive[start : start + k]) else active.view(k, 1)
+            h = {key: group[key].view(k, 1) for key in ("lr", "decay", *_HYPER)}
             if self.name == "sgd":
                 for p in group["params"]:
                     if p.grad is not None:
-                        _sgd(p.view(k, -1), p.grad.view(k, -1), self.state[p], h, active.view(k, 1))
+                        g, work = p.grad.view(k, -1), self._work(p, k, 2)
+                        _sgd(p.view(k, -1), g, self.state[p], h, kinds, rows, work)
             else:
                 adam = self._adam_scalars(start, group, active, finite is not None)
                 for p in group["params"]:
                     if p.grad is not None:
-                        _adam(p.view(k, -1), p.grad.view(k, -1), self.state[p], h, adam, self.name == "adamw")
+                        g, work = p.grad.view(k, -1), self._work(p, k, 3)
+                        _adam(
+                            p.view(k, -1), g, self.state[p], h, adam, kinds, self.name == "adamw", rows, work
+                        )
             group["step"].add_(active.to(group["step"].dtype))
+
+    def _work(self, p: torch.Tensor, k: int, n: int) -> list[torch.Tensor]:
+        """n scratch tensors of p's [k, rows] shape, kept between steps: a step's intermediate
+        results written into them instead of new tensors (a new tensor of a pack's size is fresh
+        memory each step on a CPU, which costs more than the operation that fills it)."""
+        found = self._scratch.get(p)
+        if found is None or len(found) < n:
+            found = self._scratch[p] = [torch.empty_like(p).view(k, -1) for _ in range(n)]
+        return found
 
     def _adam_scalars(
         self, start: int, group: dict[str, Any], active: torch.Tensor, masked: bool
     ) -> dict[str, torch.Tensor]:
         """Per member, what torch's Adam computes in Python each step from the step count t, in
-        double and rounded to float32 as its kernels take it: the active mask, -lr / (1 - beta1^t)
-        and sqrt(1 - beta2^t)."""
+        double and rounded to float32 as its kernels take it: -lr / (1 - beta1^t) and
+        sqrt(1 - beta2^t)."""
         k = group["lr"].numel()
         steps = group["step"].tolist()
         on = active.tolist() if masked else self._alive[start : start + k]
@@ -281,7 +300,6 @@ class MemberOptimizer(torch.optim.Optimizer):
             bc2_sqrt.append((1 - beta2**t) ** 0.5)
         device = group["lr"].device
         return {
-            "active": active.view(k, 1),
             "neg_step": torch.tensor(neg_step, dtype=torch.float32, device=device).view(k, 1),
             "bc2_sqrt": torch.tensor(bc2_sqrt, dtype=torch.float32, device=device).view(k, 1),
         }
@@ -299,24 +317,73 @@ class MemberOptimizer(torch.optim.Optimizer):
         return finite
 
 
+def _fresh(p: torch.Tensor, k: int, name: str) -> torch.Tensor:
+    """A new member's state row. Adam's moments start at 0, as torch's. torch's SGD makes the first
+    step's buffer the gradient itself, then `buf * momentum + grad`: a buffer of -0.0 makes the first
+    step that too, exactly (-0 times any momentum is -0, and -0 + x is x for every x), so no step is
+    a special case."""
+    return torch.full_like(p.view(k, -1)[:1], -0.0 if name == "momentum_buffer" else 0.0)
+
+
+def _kinds(settings: list[dict[str, Any]]) -> dict[str, str]:
+    """For each choice a member's hyperparameters make, whether it is true of none, all or some
+    (`mixed`, selected per member by torch.where) of a group's members: known from the configs, so
+    a step computes only what some member needs, and selects only where members differ."""
+
+    def kind(values: list[bool]) -> str:
+        return "all" if all(values) else "mixed" if any(values) else "none"
+
+    return {
+        "weight_decay": kind([bool(s.get("weight_decay", 0.0)) for s in settings]),
+        "momentum": kind([bool(s.get("momentum", 0.0)) for s in settings]),
+        "nesterov": kind([bool(s.get("nesterov", False)) for s in settings]),
+        # torch's lerp takes `start + w * (end - start)` for weights w below 0.5, else the other form.
+        "small": kind([abs(1 - s.get("betas", (0.9, 0.999))[0]) < 0.5 for s in settings]),
+    }
+
+
+def _pick(
+    kind: str,
+    cond: Callable[[], torch.Tensor],
+    yes: Callable[[], torch.Tensor],
+    no: Callable[[], torch.Tensor],
+) -> torch.Tensor:
+    """yes() for the members where cond(), no() for the others: `kind` says which exist."""
+    if kind == "all":
+        return yes()
+    if kind == "none":
+        return no()
+    return torch.where(cond(), yes(), no())
+
+
 def _sgd(
     p: torch.Tensor,
     g: torch.Tensor,
     state: dict[str, torch.Tensor],
     h: dict[str, torch.Tensor],
-    active: torch.Tensor,
+    kinds: dict[str, str],
+    active: torch.Tensor | None,
+    work: list[torch.Tensor],
 ) -> None:
-    """torch.optim.SGD's _single_tensor_sgd (dampening 0, maximize off) for [k, n] rows of k members."""
-    m = h["momentum"]
-    g = torch.where(h["weight_decay"] != 0, g + p * h["weight_decay"], g)  # grad.add(param, alpha=wd)
-    if state:  # some member has momentum
+    """torch.optim.SGD's _single_tensor_sgd (dampening 0, maximize off) for [k, n] rows of k members;
+    `active`: the members that step (None: every one); `work`: 2 scratch tensors of p's shape."""
+    m, wd, grad = h["momentum"], h["weight_decay"], g
+    # grad.add(param, alpha=weight_decay)
+    decayed = lambda: torch.mul(p, wd, out=work[0]).add_(grad)  # noqa: E731
+    g = _pick(kinds["weight_decay"], lambda: wd != 0, decayed, lambda: grad)
+    if state:  # some member has momentum: buf.mul_(momentum).add_(grad)
         buf = state["momentum_buffer"].view_as(p)
-        # The first step's buffer is the gradient itself; then buf.mul_(momentum).add_(grad).
-        new = torch.where(h["step"] == 0, g, buf * m + g)
-        buf.copy_(torch.where(active & (m != 0), new, buf))
-        nesterov = torch.where(h["nesterov"] != 0, g + buf * m, buf)  # grad.add(buf, alpha=momentum)
-        g = torch.where(m != 0, nesterov, g)
-    p.sub_(torch.where(active, g * h["lr"], 0.0))  # param.add_(grad, alpha=-lr)
+        if active is None:
+            buf.mul_(m).add_(g)
+        else:
+            buf.copy_(torch.where(active, buf * m + g, buf))
+        # grad.add(buf, alpha=momentum) with Nesterov, else buf
+        nesterov = lambda: torch.mul(buf, m, out=work[1]).add_(g)  # noqa: E731
+        d = _pick(kinds["nesterov"], lambda: h["nesterov"] != 0, nesterov, lambda: buf)
+        plain = g
+        g = _pick(kinds["momentum"], lambda: m != 0, lambda: d, lambda: plain)
+    step = torch.mul(g, h["lr"], out=work[0] if g is not work[0] else work[1])  # param.add_(grad, alpha=-lr)
+    p.sub_(step if active is None else torch.where(active, step, 0.0))
 
 
 def _adam(
@@ -325,24 +392,43 @@ def _adam(
     state: dict[str, torch.Tensor],
     h: dict[str, torch.Tensor],
     adam: dict[str, torch.Tensor],
+    kinds: dict[str, str],
     decoupled: bool,
+    active: torch.Tensor | None,
+    work: list[torch.Tensor],
 ) -> None:
-    """torch.optim.Adam's / AdamW's _single_tensor_adam (amsgrad, maximize off) for [k, n] rows."""
-    active, wd = adam["active"], h["weight_decay"]
-    if decoupled:  # param.mul_(1 - lr * weight_decay)
-        p.copy_(torch.where(active & (wd != 0), p * h["decay"], p))
-    else:  # grad.add(param, alpha=weight_decay)
-        g = torch.where(wd != 0, g + p * wd, g)
+    """torch.optim.Adam's / AdamW's _single_tensor_adam (amsgrad, maximize off) for [k, n] rows; in
+    place where every member steps (the same operations, fewer passes over memory); `work`: 3
+    scratch tensors of p's shape."""
+    wd, w, grad = h["weight_decay"], h["one_minus_beta1"], g
+
+    def kept(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        return new if active is None else torch.where(active, new, old)
+
+    if decoupled and kinds["weight_decay"] != "none":  # param.mul_(1 - lr * weight_decay)
+        p.copy_(kept(_pick(kinds["weight_decay"], lambda: wd != 0, lambda: p * h["decay"], lambda: p), p))
+    elif not decoupled:  # grad.add(param, alpha=weight_decay)
+        decayed = lambda: torch.mul(p, wd, out=work[2]).add_(grad)  # noqa: E731
+        g = _pick(kinds["weight_decay"], lambda: wd != 0, decayed, lambda: grad)
     exp_avg, exp_avg_sq = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
     # exp_avg.lerp_(grad, 1 - beta1): torch's lerp takes one of two forms by the weight's size.
-    w = h["one_minus_beta1"]
-    diff = g - exp_avg
-    lerp = torch.where(w.abs() < 0.5, exp_avg + w * diff, g - diff * (1 - w))
-    exp_avg.copy_(torch.where(active, lerp, exp_avg))
+    diff = torch.sub(g, exp_avg, out=work[0])
+    if active is None and kinds["small"] == "all":
+        exp_avg.add_(diff.mul_(w))
+    else:
+        small, large = (lambda: exp_avg + w * diff), (lambda: g - diff * (1 - w))
+        exp_avg.copy_(kept(_pick(kinds["small"], lambda: w.abs() < 0.5, small, large), exp_avg))
     # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    square = exp_avg_sq * h["beta2"] + g * h["one_minus_beta2"] * g
-    exp_avg_sq.copy_(torch.where(active, square, exp_avg_sq))
+    square = torch.mul(g, h["one_minus_beta2"], out=work[1]).mul_(g)
+    if active is None:
+        exp_avg_sq.mul_(h["beta2"]).add_(square)
+    else:
+        exp_avg_sq.copy_(torch.where(active, exp_avg_sq * h["beta2"] + square, exp_avg_sq))
     # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     # param.addcdiv_(exp_avg, denom, value=-step_size)
-    denom = exp_avg_sq.sqrt() / adam["bc2_sqrt"] + h["eps"]
-    p.copy_(torch.where(active, p + exp_avg * adam["neg_step"] / denom, p))
+    denom = torch.sqrt(exp_avg_sq, out=work[1]).div_(adam["bc2_sqrt"]).add_(h["eps"])
+    update = torch.mul(exp_avg, adam["neg_step"], out=work[0]).div_(denom)
+    if active is None:
+        p.add_(update)
+    else:
+        p.copy_(torch.where(active, p + update, p))
