@@ -221,6 +221,7 @@ class Engine(Processes):
         the others go on exactly as without them."""
         self.loss_grad[members] = 0.0
         self.set_lrs(self.optimizer.optimizer.host_lrs)
+        self.graphs.reset()  # the optimizer's step selects members out now: captured without that
 
     @property
     def can_shrink(self) -> bool:
@@ -230,8 +231,7 @@ class Engine(Processes):
 
     @property
     def can_move(self) -> bool:
-        """Whether members can move to another pack: their weights are then all they carry (an
-        optimizer that keeps a state per parameter, momentum or Adam's, keeps its members)."""
+        """Whether members can move to another pack: only with all they carry in their weights."""
         return self.can_shrink and not self.optimizer.optimizer.stateful
 
     def rearrange(

@@ -5,9 +5,10 @@ rows, k equal blocks (model.py). A single run is a pack of one.
 Each hyperparameter is a tensor with one value per member, broadcast over the member's rows, and the
 update is the sequence of operations torch.optim's single-tensor step makes (foreach off), each
 rounded once: multiplies, adds, divides and square roots of whole tensors, which give an element the
-same bits wherever it sits in a tensor; members a step leaves alone (frozen, or whose gradients were
-not finite) are selected out with torch.where, not multiplied by 0. So a member's weights and state
-are the same bits in a pack of any size. torch.optim's own kernels take its scalar hyperparameters in
+same bits wherever it sits in a tensor; members whose settings differ, and members a step leaves
+alone (frozen, or whose gradients were not finite), are selected with torch.where, not multiplied by
+0 (the rules: member_steps.py). So a member's weights and state are the same bits in a pack of any
+size. torch.optim's own kernels take its scalar hyperparameters in
 fused forms (`add(x, alpha=a)`, `lerp`, `addcmul`), which on AVX2/AVX-512 kernels compute a multiply-add
 with one rounding in their vector loop and two in the scalar tail: torch.optim itself gives an element
 different bits by where it falls, so a pack cannot use it. On ATen's DEFAULT kernels
@@ -15,37 +16,22 @@ different bits by where it falls, so a pack cannot use it. On ATen's DEFAULT ker
 (tests/test_optimizers.py); on the others it differs from torch.optim in the last bits, as torch.optim
 differs from itself.
 
-The tutorial's plain SGD (no momentum, no weight decay) takes the shortest path (`p -= grad * lr`). A frozen
-member (its loss went non-finite) has lr 0 and its state stays as it was. The lrs, and every tensor a
+The tutorial's plain SGD (no momentum, no weight decay) takes the shortest path (`p -= grad * lr`).
+A frozen member (its loss went non-finite) has lr 0 and its state stays as it was. The lrs, and every tensor a
 step reads, are updated in place: a captured CUDA-graph step reads them by address (plain SGD and
 SGD with momentum; Adam computes its bias corrections on the host each step, so it runs eagerly).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from mnist_dist.train.member_steps import HYPER, adam, adam_scalars, fresh, hyper, kinds, sgd
+
 PLAIN: dict[str, Any] = {"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
-_HYPER = ("momentum", "nesterov", "weight_decay", "one_minus_beta1", "beta2", "one_minus_beta2", "eps")
-
-
-def _hyper(settings: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """A group's hyperparameters, one value per member, each computed as torch.optim computes it (in
-    double: `1 - beta1`) and rounded to float32 as its kernels take a scalar."""
-    betas = [s.get("betas", (0.9, 0.999)) for s in settings]
-    values = {
-        "momentum": [s.get("momentum", 0.0) for s in settings],
-        "nesterov": [float(s.get("nesterov", False)) for s in settings],
-        "weight_decay": [s.get("weight_decay", 0.0) for s in settings],
-        "one_minus_beta1": [1 - b[0] for b in betas],
-        "beta2": [b[1] for b in betas],
-        "one_minus_beta2": [1 - b[1] for b in betas],
-        "eps": [s.get("eps", 1e-8) for s in settings],
-    }
-    return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
 
 
 class MemberOptimizer(torch.optim.Optimizer):
@@ -98,7 +84,7 @@ class MemberOptimizer(torch.optim.Optimizer):
         param_groups, start = [], 0
         for params, lr in zip(groups, lrs, strict=True):
             k = lr.numel()
-            group = {"params": params, "lr": lr, **_hyper(self.settings[start : start + k])}
+            group = {"params": params, "lr": lr, **hyper(self.settings[start : start + k])}
             group["step"] = torch.tensor([m["step"] if m else 0.0 for m in carried[start : start + k]])
             param_groups.append(group)
             start += k
@@ -115,7 +101,7 @@ class MemberOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 self.state[p] = {
                     name: torch.cat(
-                        [m[i][name].to(p.device) if m else _fresh(p, k, name) for m in mine]
+                        [m[i][name].to(p.device) if m else fresh(p, k, name) for m in mine]
                     ).view_as(p)
                     for name in self._buffers()
                 }
@@ -161,7 +147,7 @@ class MemberOptimizer(torch.optim.Optimizer):
         self._scratch: dict[torch.Tensor, list[torch.Tensor]] = {}
         for group in self.param_groups:
             device = group["params"][0].device
-            for key in ("lr", "step", *_HYPER):
+            for key in ("lr", "step", *HYPER):
                 group[key] = torch.as_tensor(group[key], dtype=torch.float32, device=device).reshape(-1)
             lr = group["lr"]
             group["decay"] = torch.ones_like(lr)
@@ -171,7 +157,7 @@ class MemberOptimizer(torch.optim.Optimizer):
             self._starts.append(first)
             first += lr.numel()
         sizes = [g["lr"].numel() for g in self.param_groups]
-        self._kinds = [_kinds(self.settings[a : a + n]) for a, n in zip(self._starts, sizes, strict=True)]
+        self._kinds = [kinds(self.settings[a : a + n]) for a, n in zip(self._starts, sizes, strict=True)]
         self._derive()
 
     def tensors(self) -> list[torch.Tensor]:
@@ -249,27 +235,32 @@ class MemberOptimizer(torch.optim.Optimizer):
                     step = torch.where(keep, step.view(k, -1), 0.0).view_as(p)
                 p.sub_(step)
             return
-        for start, group, kinds in zip(self._starts, self.param_groups, self._kinds, strict=True):
-            k = group["lr"].numel()
+        for start, group, needs in zip(self._starts, self.param_groups, self._kinds, strict=True):
+            k, end = group["lr"].numel(), start + group["lr"].numel()
             active = group["lr"] != 0  # frozen members have lr 0
             if finite is not None:
-                active = active & finite[start : start + k]
+                active = active & finite[start:end]
             # Every member steps (none frozen, no scaler): no member needs selecting out.
-            rows = None if finite is None and all(self._alive[start : start + k]) else active.view(k, 1)
-            h = {key: group[key].view(k, 1) for key in ("lr", "decay", *_HYPER)}
-            if self.name == "sgd":
-                for p in group["params"]:
-                    if p.grad is not None:
-                        g, work = p.grad.view(k, -1), self._work(p, k, 2)
-                        _sgd(p.view(k, -1), g, self.state[p], h, kinds, rows, work)
-            else:
-                adam = self._adam_scalars(start, group, active, finite is not None)
-                for p in group["params"]:
-                    if p.grad is not None:
-                        g, work = p.grad.view(k, -1), self._work(p, k, 3)
-                        _adam(
-                            p.view(k, -1), g, self.state[p], h, adam, kinds, self.name == "adamw", rows, work
-                        )
+            rows = None if finite is None and all(self._alive[start:end]) else active.view(k, 1)
+            h = {key: group[key].view(k, 1) for key in ("lr", "decay", *HYPER)}
+            scalars = {}
+            if self.name != "sgd":
+                on = active.tolist() if finite is not None else self._alive[start:end]
+                lrs = [
+                    lr * alive
+                    for lr, alive in zip(self.host_lrs[start:end], self._alive[start:end], strict=True)
+                ]
+                scalars = adam_scalars(
+                    self.settings[start:end], lrs, group["step"].tolist(), on, active.device
+                )
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, view, state = p.grad.view(k, -1), p.view(k, -1), self.state[p]
+                if self.name == "sgd":
+                    sgd(view, g, state, h, needs, rows, self._work(p, k, 2))
+                else:
+                    adam(view, g, state, h, scalars, needs, self.name == "adamw", rows, self._work(p, k, 3))
             group["step"].add_(active.to(group["step"].dtype))
 
     def _work(self, p: torch.Tensor, k: int, n: int) -> list[torch.Tensor]:
@@ -280,29 +271,6 @@ class MemberOptimizer(torch.optim.Optimizer):
         if found is None or len(found) < n:
             found = self._scratch[p] = [torch.empty_like(p).view(k, -1) for _ in range(n)]
         return found
-
-    def _adam_scalars(
-        self, start: int, group: dict[str, Any], active: torch.Tensor, masked: bool
-    ) -> dict[str, torch.Tensor]:
-        """Per member, what torch's Adam computes in Python each step from the step count t, in
-        double and rounded to float32 as its kernels take it: -lr / (1 - beta1^t) and
-        sqrt(1 - beta2^t)."""
-        k = group["lr"].numel()
-        steps = group["step"].tolist()
-        on = active.tolist() if masked else self._alive[start : start + k]
-        neg_step, bc2_sqrt = [], []
-        for i in range(k):
-            s = self.settings[start + i]
-            beta1, beta2 = s["betas"]
-            t = steps[i] + 1.0 if on[i] else max(steps[i], 1.0)
-            lr = self.host_lrs[start + i] if self._alive[start + i] else 0.0
-            neg_step.append(-(lr / (1 - beta1**t)))
-            bc2_sqrt.append((1 - beta2**t) ** 0.5)
-        device = group["lr"].device
-        return {
-            "neg_step": torch.tensor(neg_step, dtype=torch.float32, device=device).view(k, 1),
-            "bc2_sqrt": torch.tensor(bc2_sqrt, dtype=torch.float32, device=device).view(k, 1),
-        }
 
     @torch.no_grad()
     def unscale_(self, inv_scale: torch.Tensor) -> torch.Tensor:
@@ -315,120 +283,3 @@ class MemberOptimizer(torch.optim.Optimizer):
                 grad.mul_(inv_scale[first : first + k].view(k, 1))
                 finite[first : first + k] &= torch.isfinite(grad).all(dim=1)
         return finite
-
-
-def _fresh(p: torch.Tensor, k: int, name: str) -> torch.Tensor:
-    """A new member's state row. Adam's moments start at 0, as torch's. torch's SGD makes the first
-    step's buffer the gradient itself, then `buf * momentum + grad`: a buffer of -0.0 makes the first
-    step that too, exactly (-0 times any momentum is -0, and -0 + x is x for every x), so no step is
-    a special case."""
-    return torch.full_like(p.view(k, -1)[:1], -0.0 if name == "momentum_buffer" else 0.0)
-
-
-def _kinds(settings: list[dict[str, Any]]) -> dict[str, str]:
-    """For each choice a member's hyperparameters make, whether it is true of none, all or some
-    (`mixed`, selected per member by torch.where) of a group's members: known from the configs, so
-    a step computes only what some member needs, and selects only where members differ."""
-
-    def kind(values: list[bool]) -> str:
-        return "all" if all(values) else "mixed" if any(values) else "none"
-
-    return {
-        "weight_decay": kind([bool(s.get("weight_decay", 0.0)) for s in settings]),
-        "momentum": kind([bool(s.get("momentum", 0.0)) for s in settings]),
-        "nesterov": kind([bool(s.get("nesterov", False)) for s in settings]),
-        # torch's lerp takes `start + w * (end - start)` for weights w below 0.5, else the other form.
-        "small": kind([abs(1 - s.get("betas", (0.9, 0.999))[0]) < 0.5 for s in settings]),
-    }
-
-
-def _pick(
-    kind: str,
-    cond: Callable[[], torch.Tensor],
-    yes: Callable[[], torch.Tensor],
-    no: Callable[[], torch.Tensor],
-) -> torch.Tensor:
-    """yes() for the members where cond(), no() for the others: `kind` says which exist."""
-    if kind == "all":
-        return yes()
-    if kind == "none":
-        return no()
-    return torch.where(cond(), yes(), no())
-
-
-def _sgd(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    h: dict[str, torch.Tensor],
-    kinds: dict[str, str],
-    active: torch.Tensor | None,
-    work: list[torch.Tensor],
-) -> None:
-    """torch.optim.SGD's _single_tensor_sgd (dampening 0, maximize off) for [k, n] rows of k members;
-    `active`: the members that step (None: every one); `work`: 2 scratch tensors of p's shape."""
-    m, wd, grad = h["momentum"], h["weight_decay"], g
-    # grad.add(param, alpha=weight_decay)
-    decayed = lambda: torch.mul(p, wd, out=work[0]).add_(grad)  # noqa: E731
-    g = _pick(kinds["weight_decay"], lambda: wd != 0, decayed, lambda: grad)
-    if state:  # some member has momentum: buf.mul_(momentum).add_(grad)
-        buf = state["momentum_buffer"].view_as(p)
-        if active is None:
-            buf.mul_(m).add_(g)
-        else:
-            buf.copy_(torch.where(active, buf * m + g, buf))
-        # grad.add(buf, alpha=momentum) with Nesterov, else buf
-        nesterov = lambda: torch.mul(buf, m, out=work[1]).add_(g)  # noqa: E731
-        d = _pick(kinds["nesterov"], lambda: h["nesterov"] != 0, nesterov, lambda: buf)
-        plain = g
-        g = _pick(kinds["momentum"], lambda: m != 0, lambda: d, lambda: plain)
-    step = torch.mul(g, h["lr"], out=work[0] if g is not work[0] else work[1])  # param.add_(grad, alpha=-lr)
-    p.sub_(step if active is None else torch.where(active, step, 0.0))
-
-
-def _adam(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    state: dict[str, torch.Tensor],
-    h: dict[str, torch.Tensor],
-    adam: dict[str, torch.Tensor],
-    kinds: dict[str, str],
-    decoupled: bool,
-    active: torch.Tensor | None,
-    work: list[torch.Tensor],
-) -> None:
-    """torch.optim.Adam's / AdamW's _single_tensor_adam (amsgrad, maximize off) for [k, n] rows; in
-    place where every member steps (the same operations, fewer passes over memory); `work`: 3
-    scratch tensors of p's shape."""
-    wd, w, grad = h["weight_decay"], h["one_minus_beta1"], g
-
-    def kept(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-        return new if active is None else torch.where(active, new, old)
-
-    if decoupled and kinds["weight_decay"] != "none":  # param.mul_(1 - lr * weight_decay)
-        p.copy_(kept(_pick(kinds["weight_decay"], lambda: wd != 0, lambda: p * h["decay"], lambda: p), p))
-    elif not decoupled:  # grad.add(param, alpha=weight_decay)
-        decayed = lambda: torch.mul(p, wd, out=work[2]).add_(grad)  # noqa: E731
-        g = _pick(kinds["weight_decay"], lambda: wd != 0, decayed, lambda: grad)
-    exp_avg, exp_avg_sq = state["exp_avg"].view_as(p), state["exp_avg_sq"].view_as(p)
-    # exp_avg.lerp_(grad, 1 - beta1): torch's lerp takes one of two forms by the weight's size.
-    diff = torch.sub(g, exp_avg, out=work[0])
-    if active is None and kinds["small"] == "all":
-        exp_avg.add_(diff.mul_(w))
-    else:
-        small, large = (lambda: exp_avg + w * diff), (lambda: g - diff * (1 - w))
-        exp_avg.copy_(kept(_pick(kinds["small"], lambda: w.abs() < 0.5, small, large), exp_avg))
-    # exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    square = torch.mul(g, h["one_minus_beta2"], out=work[1]).mul_(g)
-    if active is None:
-        exp_avg_sq.mul_(h["beta2"]).add_(square)
-    else:
-        exp_avg_sq.copy_(torch.where(active, exp_avg_sq * h["beta2"] + square, exp_avg_sq))
-    # denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-    # param.addcdiv_(exp_avg, denom, value=-step_size)
-    denom = torch.sqrt(exp_avg_sq, out=work[1]).div_(adam["bc2_sqrt"]).add_(h["eps"])
-    update = torch.mul(exp_avg, adam["neg_step"], out=work[0]).div_(denom)
-    if active is None:
-        p.add_(update)
-    else:
-        p.copy_(torch.where(active, p + update, p))
