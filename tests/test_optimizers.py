@@ -311,3 +311,28 @@ def test_members_with_momentum_leave_a_pack_at_a_band_and_the_survivors_are_thei
             history = run_history(run_dir)
             assert history == run_history(full[member])[: len(history)], member
     assert 1 <= survivors < 8
+
+
+def test_adams_lerp_form_is_chosen_as_torchs_kernel_chooses_it():
+    """torch's lerp picks its form by the float32 weight: 1 - beta1 just under 0.5 in double is 0.5 in
+    float32 (the large form). A member with such a beta1 is the same alone and beside a member of the
+    other form (no training data)."""
+    from mnist_dist.config import OptimizerConfig
+    from mnist_dist.train.member_optimizer import MemberOptimizer
+
+    torch.manual_seed(0)
+    edge, other = (OptimizerConfig(name="adam", betas=[b, 0.999]).model_dump() for b in (0.5 + 2**-30, 0.2))
+    base = [torch.randn(64, 50), torch.randn(64)]
+    alone = [torch.nn.Parameter(p.clone()) for p in base]
+    packed = [torch.nn.Parameter(torch.cat([p.clone(), p.clone()])) for p in base]
+    one = MemberOptimizer([alone], [torch.tensor([1e-3])], [edge])
+    two = MemberOptimizer([packed], [torch.tensor([1e-3, 1e-3])], [edge, other])
+    one.set_lrs([1e-3]), two.set_lrs([1e-3, 1e-3])
+    for _ in range(6):
+        grads = [torch.randn_like(p) for p in base]
+        for p, g in zip(alone, grads, strict=True):
+            p.grad = g.clone()
+        for p, g in zip(packed, grads, strict=True):
+            p.grad = torch.cat([g, g])
+        one.update(), two.update()
+    assert all(torch.equal(p.view(2, -1)[0], q.view(-1)) for p, q in zip(packed, alone, strict=True))

@@ -71,9 +71,15 @@ def kinds(settings: list[dict[str, Any]]) -> dict[str, str]:
         "weight_decay": kind([bool(s.get("weight_decay", 0.0)) for s in settings]),
         "momentum": kind([bool(s.get("momentum", 0.0)) for s in settings]),
         "nesterov": kind([bool(s.get("nesterov", False)) for s in settings]),
-        # torch's lerp takes `start + w * (end - start)` for weights w below 0.5, else the other form.
-        "small": kind([abs(1 - s.get("betas", (0.9, 0.999))[0]) < 0.5 for s in settings]),
+        # torch's lerp takes `start + w * (end - start)` for weights w below 0.5, else the other form;
+        # it compares the weight as its kernel takes it, rounded to float32 (1 - beta1 just below 0.5
+        # in double can be 0.5 in float32).
+        "small": kind([abs(_float32(1 - s.get("betas", (0.9, 0.999))[0])) < 0.5 for s in settings]),
     }
+
+
+def _float32(x: float) -> float:
+    return float(torch.tensor(x, dtype=torch.float32))
 
 
 def _pick(
