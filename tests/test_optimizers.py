@@ -8,11 +8,8 @@ its run alone, through a kill -9 and a rerun; the optimizer's state resumes mid-
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ import yaml
 from mnist_dist.errors import UserError
 
 from conftest import ROOT, SHORT_PHASES, load_json, ok, run_cli, run_history
-from test_packs import assert_bitwise, member_dirs, sweep, sweep_command
+from test_packs import assert_bitwise, kill_once_packs_saved, member_dirs, sweep
 
 # Each case: its optimizer section and phases that train well with it (Adam's lrs are SGD's / 100).
 CASES = {
@@ -150,20 +147,7 @@ def test_members_of_different_optimizers_pack_each_bitwise_its_run_through_a_kil
     assert len(alone) == 8
 
     out = tmp_path / "packed"
-    first = subprocess.Popen(
-        sweep_command(spec, out, *PHASES),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=data_env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("packs/*/checkpoints/epoch-0001"))) < 2:  # two packs saved an epoch
-        assert first.poll() is None and time.monotonic() < deadline, "no pack checkpoint"
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_once_packs_saved(spec, out, data_env, *PHASES)
     assert not all((d / "history.json").exists() for d in member_dirs(out).values()), "killed mid-way"
     again = ok(sweep(spec, out, data_env, *PHASES))
     assert "resuming from" in again.stdout and "0 failed" in again.stdout

@@ -77,6 +77,24 @@ def assert_bitwise(run_dir: Path, reference: Path) -> None:
     assert all(torch.equal(got[k], expected[k]) for k in got), run_dir.name
 
 
+def kill_once_packs_saved(spec: Path, out: Path, env: dict[str, str], *extra: str, packs: int = 2) -> None:
+    """`sweep run` killed (kill -9 of its process group) once `packs` packs saved their first epoch."""
+    first = subprocess.Popen(
+        sweep_command(spec, out, *extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,  # its own process group; its pack processes stop, saving, once it is gone
+    )
+    deadline = time.monotonic() + 300
+    while len(list(out.glob("packs/*/checkpoints/epoch-0001"))) < packs:
+        assert first.poll() is None and time.monotonic() < deadline, "no pack checkpoint"
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+
 def member_dirs(root: Path) -> dict[str, Path]:
     return {p.name: p for p in sorted((root / "members").iterdir())}
 
@@ -166,20 +184,7 @@ def test_kill_9_of_a_packed_sweep_and_rerun_gives_the_same_members(
     """2 packs of 3 in 2 processes, each with a member that fails in epoch 1 (NAN_SPEC): the rerun takes
     up both packs from their checkpoints, the failed members frozen as they were."""
     spec, out = spec_file(tmp_path, NAN_SPEC), tmp_path / "s"
-    first = subprocess.Popen(
-        sweep_command(spec, out),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=data_env,
-        cwd=ROOT,
-        start_new_session=True,  # its own process group; its pack processes stop, saving, once it is gone
-    )
-    deadline = time.monotonic() + 300
-    while len(list(out.glob("packs/*/checkpoints/epoch-0001"))) < 2:  # both packs saved an epoch
-        assert first.poll() is None and time.monotonic() < deadline, "no pack checkpoint"
-        time.sleep(0.05)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_once_packs_saved(spec, out, data_env)
     assert not all((d / "history.json").exists() for d in member_dirs(out).values()), "killed mid-way"
     again = ok(sweep(spec, out, data_env))
     assert again.stdout.count("resuming from") == 2 and "4 trained" in again.stdout

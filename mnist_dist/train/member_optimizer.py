@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 
+from mnist_dist.config import OptimizerConfig
 from mnist_dist.train.member_steps import HYPER, adam, adam_scalars, fresh, hyper, kinds, sgd
 
-PLAIN: dict[str, Any] = {"name": "sgd", "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+PLAIN: dict[str, Any] = OptimizerConfig().model_dump()  # the tutorial's SGD; settings are such dumps
 
 
 class MemberOptimizer(torch.optim.Optimizer):
@@ -72,9 +73,9 @@ class MemberOptimizer(torch.optim.Optimizer):
         self._settings = settings
         # Whether it keeps a state per parameter (momentum buffers, Adam's moments): a member's state
         # is then more than its weights (early_termination.py moves only stateless members).
-        self.stateful = self.name != "sgd" or any(s.get("momentum", 0.0) > 0 for s in settings)
+        self.stateful = self.name != "sgd" or any(s["momentum"] > 0 for s in settings)
         # The tutorial's SGD for every member: no momentum, no weight decay.
-        self.plain = not self.stateful and not any(s.get("weight_decay", 0.0) for s in settings)
+        self.plain = not self.stateful and not any(s["weight_decay"] for s in settings)
 
     def _param_groups(
         self, groups: list[list[torch.nn.Parameter]], lrs: list[torch.Tensor], carried: list[Any]
@@ -136,7 +137,7 @@ class MemberOptimizer(torch.optim.Optimizer):
         for start, group in zip(self._starts, self.param_groups, strict=True):
             k = group["lr"].numel()
             lrs, settings = self.host_lrs[start : start + k], self.settings[start : start + k]
-            decay = [1 - lr * s.get("weight_decay", 0.0) for lr, s in zip(lrs, settings, strict=True)]
+            decay = [1 - lr * s["weight_decay"] for lr, s in zip(lrs, settings, strict=True)]
             group["decay"].copy_(torch.tensor(decay, dtype=torch.float32))
 
     def _shape(self) -> None:

@@ -19,15 +19,15 @@ HYPER = ("momentum", "nesterov", "weight_decay", "one_minus_beta1", "beta2", "on
 def hyper(settings: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """A group's hyperparameters, one value per member, each computed as torch.optim computes it (in
     double: `1 - beta1`) and rounded to float32 as its kernels take a scalar."""
-    betas = [s.get("betas", (0.9, 0.999)) for s in settings]
+    betas = [s["betas"] for s in settings]
     values = {
-        "momentum": [s.get("momentum", 0.0) for s in settings],
-        "nesterov": [float(s.get("nesterov", False)) for s in settings],
-        "weight_decay": [s.get("weight_decay", 0.0) for s in settings],
+        "momentum": [s["momentum"] for s in settings],
+        "nesterov": [float(s["nesterov"]) for s in settings],
+        "weight_decay": [s["weight_decay"] for s in settings],
         "one_minus_beta1": [1 - b[0] for b in betas],
         "beta2": [b[1] for b in betas],
         "one_minus_beta2": [1 - b[1] for b in betas],
-        "eps": [s.get("eps", 1e-8) for s in settings],
+        "eps": [s["eps"] for s in settings],
     }
     return {k: torch.tensor(v, dtype=torch.float32) for k, v in values.items()}
 
@@ -68,13 +68,13 @@ def kinds(settings: list[dict[str, Any]]) -> dict[str, str]:
         return "all" if all(values) else "mixed" if any(values) else "none"
 
     return {
-        "weight_decay": kind([bool(s.get("weight_decay", 0.0)) for s in settings]),
-        "momentum": kind([bool(s.get("momentum", 0.0)) for s in settings]),
-        "nesterov": kind([bool(s.get("nesterov", False)) for s in settings]),
+        "weight_decay": kind([bool(s["weight_decay"]) for s in settings]),
+        "momentum": kind([bool(s["momentum"]) for s in settings]),
+        "nesterov": kind([bool(s["nesterov"]) for s in settings]),
         # torch's lerp takes `start + w * (end - start)` for weights w below 0.5, else the other form;
         # it compares the weight as its kernel takes it, rounded to float32 (1 - beta1 just below 0.5
         # in double can be 0.5 in float32).
-        "small": kind([abs(_float32(1 - s.get("betas", (0.9, 0.999))[0])) < 0.5 for s in settings]),
+        "small": kind([abs(_float32(1 - s["betas"][0])) < 0.5 for s in settings]),
     }
 
 
