@@ -35,6 +35,7 @@ SEED_MAX = 2**32 - 1
 EPOCHS_MAX = 100_000
 HIDDEN_MAX = 65_536
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TRACKERS = ("wandb", "tensorboard")
 
 
 class _Strict(BaseModel):
@@ -156,7 +157,9 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cuda_graphs: Literal["auto", "off"] = "auto"
     """auto = replay each full training step as one CUDA graph (one process on a GPU, precision no)."""
-    tracker: Literal["wandb", "tensorboard", "none"] = "wandb"
+    tracker: str = "wandb"
+    """wandb, tensorboard, both (`wandb,tensorboard` or a list: TensorBoard's files beside W&B's, to look
+    at a sweep offline now and sync it to W&B later), or none."""
     progress: Literal["auto", "on", "off"] = "auto"
     """Progress bars on the main process; auto = only when stdout is a terminal."""
     threads: int | Literal["auto"] = "auto"
@@ -181,6 +184,20 @@ class TrainConfig(_Strict):
     def _optimizer_by_name(cls, v: Any) -> Any:
         # `optimizer: adam`, as W&B's sweep guide sweeps it (`optimizer: {values: [adam, sgd]}`).
         return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("tracker", mode="before")
+    @classmethod
+    def _trackers(cls, v: Any) -> Any:
+        # One string either way ("wandb,tensorboard"), so config.yaml and member ids of single-tracker
+        # runs stay as they were.
+        names = [n.strip() for n in v.split(",")] if isinstance(v, str) else v
+        if names == ["none"]:
+            return "none"
+        if not isinstance(names, list) or not names or not all(n in TRACKERS for n in names):
+            raise ValueError("input should be 'wandb', 'tensorboard' or 'none', or both: 'wandb,tensorboard'")
+        if len(set(names)) != len(names):
+            raise ValueError("names a tracker twice; write wandb, tensorboard or wandb,tensorboard")
+        return ",".join(sorted(names, key=TRACKERS.index))
 
     @field_validator("threads", mode="before")
     @classmethod
@@ -208,6 +225,11 @@ class TrainConfig(_Strict):
         return dumped
 
     @property
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers this run logs to: (), ("wandb",), ("tensorboard",) or both."""
+        return tuple(n for n in self.tracker.split(",") if n != "none")
+
+    @property
     def total_epochs(self) -> int:
         return sum(p.epochs for p in self.phases)
 
@@ -233,27 +255,10 @@ class TrainConfig(_Strict):
         decisive["data"].pop("source")
         return hashlib.sha256(json.dumps(decisive, sort_keys=True).encode()).hexdigest()[:16]
 
-    def flat(self) -> dict[str, Any]:
-        """Dotted keys with scalar values, for trackers that want a flat table (TensorBoard hparams)."""
-        return _flatten(self.model_dump(mode="json"))
-
 
 def resolve_data_dir(configured: str | None) -> Path:
     """The data dir: as configured, else $MNIST_DIST_DATA_DIR, else ./data."""
     return Path(configured or os.environ.get("MNIST_DIST_DATA_DIR") or "data")
-
-
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = ((str(i), v) for i, v in enumerate(value))
-    else:
-        return {prefix: "" if value is None else value}
-    out: dict[str, Any] = {}
-    for k, v in items:
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

@@ -369,6 +369,20 @@ ROWS = [
         "sweep.json is unreadable",
         {"sw/sweep.json": "{oops"},
     ),
+    Row("sweep-board-no-dir", "sweep board {tmp}/nosuch", "is not a directory; pass a sweep dir"),
+    Row(
+        "sweep-board-no-tensorboard-files",
+        "sweep board {tmp}/sw",
+        "has no TensorBoard files: the sweep did not write any; train with --tracker tensorboard",
+        {"sw/sweep.json": MANIFEST, "sw/members/abc/run.json": "{}"},
+    ),
+    Row("sweep-board-port", "sweep board {tmp} --port 70000", "Invalid value for '--port'"),
+    Row(
+        "sweep-board-host",
+        "sweep board {tmp}/sw --host 192.0.2.1",
+        "--host 192.0.2.1: cannot listen there",
+        {"sw/events.out.tfevents.0.hparams-config": ""},
+    ),
     Row(
         "sweep-cancel-never-submitted",
         "sweep cancel {tmp}/sw",

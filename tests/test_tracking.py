@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from pathlib import Path
 
@@ -82,6 +83,8 @@ def test_wandb_online_without_key_falls_back_to_offline(tmp_path: Path, mnist_di
 
 
 def test_tensorboard_tracker_writes_events(tmp_path: Path, mnist_dir: Path):
+    """Each history entry's scalars and the best so far, in the run's TensorBoard run (named after the
+    run), beside its HParams session; nothing in a sub-run of its own."""
     out = tmp_path / "tb"
     env = env_with(MNIST_DIST_DATA_DIR=str(mnist_dir))
     ok(
@@ -96,16 +99,52 @@ def test_tensorboard_tracker_writes_events(tmp_path: Path, mnist_dir: Path):
             env=env,
         )
     )
+    history = load_json(out / "history.json")
+    folders = {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}
+    assert folders == {out / "tensorboard" / load_json(out / "run.json")["name"]}
+    scalars = tensorboard_scalars(next(iter(folders)))
+    assert [step for step, _ in scalars["val_acc"]] == [0, 1, 2]
+    assert [v for _, v in scalars["val_acc"]] == [f32(e["val_acc"]) for e in history]
+    best = [max(e["val_acc"] for e in history[: i + 1]) for i in range(len(history))]
+    assert [v for _, v in scalars["best_val_acc"]] == [f32(v) for v in best]
+
+
+def f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    scalars = {}
-    for folder in {p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")}:
-        acc = EventAccumulator(str(folder))
-        acc.Reload()
-        scalars.update({tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]})
-    history = load_json(out / "history.json")
-    assert [step for step, _ in scalars["val_acc"]] == [0, 1, 2]
-    assert [round(v, 4) for _, v in scalars["val_acc"]] == [round(e["val_acc"], 4) for e in history]
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_a_resumed_tensorboard_run_logs_each_epoch_once(tmp_path: Path):
+    """After a kill (the last record cut short) the run logs on from the last epoch its files hold,
+    whatever the history replays; a retried run's end is written again."""
+    from mnist_dist.track.tensorboard import END_SUFFIX, TensorBoardRun
+
+    cfg = TrainConfig(tracker="tensorboard")
+    entries = [{"epoch": e, "val_acc": 0.5 + e / 10, "val_loss": 1.0 - e / 10} for e in range(4)]
+    first = TensorBoardRun(cfg, tmp_path)
+    for entry in entries[:3]:
+        first.log(entry, entry["epoch"])
+    first.end("failed")
+    first.close()
+    (events,) = [p for p in first.dir.glob("events.out.tfevents.*") if not p.name.endswith(END_SUFFIX)]
+    events.write_bytes(events.read_bytes()[:-5])  # epoch 2's record, cut short by a kill
+    again = TensorBoardRun(cfg, tmp_path)
+    assert not list(again.dir.glob(f"*{END_SUFFIX}")), "the end of the earlier try is gone"
+    for entry in entries:
+        again.log(entry, entry["epoch"])
+    again.end("completed")
+    again.close()
+    scalars = tensorboard_scalars(again.dir)
+    assert [step for step, _ in scalars["val_acc"]] == [0, 1, 2, 3]
+    assert [v for _, v in scalars["best_val_loss"]] == [f32(1.0 - e / 10) for e in range(4)]
+    assert len(list(again.dir.glob(f"*{END_SUFFIX}"))) == 1
 
 
 def test_wandb_mode_decision(monkeypatch, tmp_path: Path):

@@ -6,6 +6,7 @@ mnist-dist sweep submit configs/sweeps/lr-seeds.yaml --partition cpu --members-p
 mnist-dist sweep status runs/sweeps/lr-seeds        # or the array's job id
 mnist-dist sweep results runs/sweeps/lr-seeds       # the table; results.json, results.csv, plots
 mnist-dist sweep cancel runs/sweeps/lr-seeds
+mnist-dist sweep board runs/sweeps/lr-seeds         # TensorBoard's HParams view, offline
 """
 
 from __future__ import annotations
@@ -177,6 +178,24 @@ def results(
         return
     print(sweep_results.format_table(out), end="")
     print(f"files: {sweep_dir}/results.json, results.csv, " + ", ".join(Path(p).name for p in out["plots"]))
+
+
+@sweep_app.command("board")
+def board(
+    sweep_dir: Annotated[Path, typer.Argument(help="Sweep dir (or a run dir, or a folder of runs).")],
+    port: Annotated[int, Opt(help="Port to serve on (0: a free one).", min=0, max=65535)] = 6006,
+    host: Annotated[str, Opt(help="Address to listen on (0.0.0.0: every interface).")] = "127.0.0.1",
+) -> None:
+    """TensorBoard on the sweep, offline: its HParams dashboard compares the members by their swept
+    values (trained with --tracker tensorboard or wandb,tensorboard); prints the URL once it serves."""
+    from mnist_dist.sweep.board import BoardFailed, serve
+
+    try:
+        code = serve(sweep_dir, host, port)
+    except BoardFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(ExitCode.FAULT) from None
+    raise typer.Exit(code)
 
 
 @sweep_app.command("status")

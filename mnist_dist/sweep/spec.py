@@ -19,6 +19,7 @@ No torch here: the CLI validates every member before anything runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -327,6 +328,12 @@ def write_manifest(root: Path, spec: Spec, found: list[Member], **extra: Any) ->
         **extra,
     }
     write_atomic(SweepDir(root).manifest, json.dumps(manifest, indent=1) + "\n")
+    if found and "tensorboard" in found[0].cfg.trackers:  # TensorBoard's HParams dashboard of the sweep
+        from mnist_dist.track.tensorboard import write_hparams_config
+
+        swept = {k: spec.parameters[k].config for k in spec.swept}
+        with contextlib.suppress(ImportError):  # no tensorboard: each member's tracker says so
+            write_hparams_config(root, swept, [m.cfg.seed for m in found])
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

@@ -1,9 +1,11 @@
 """Experiment tracking (W&B, TensorBoard): the settings, and the Tracker a run logs its history to.
 
-The trackers are Accelerate's (`log_with`): the engine builds the Accelerator and hands it to
-`Tracker`, which only calls its tracker methods; nothing here imports Accelerate. Tracking never fails
-a run: when W&B cannot go online the run is written offline under the run directory (`wandb sync
-RUN_DIR/wandb/offline-run-*` uploads it later), and if that fails too the run goes on untracked.
+W&B is Accelerate's tracker (`log_with`): the engine builds the Accelerator and hands it to `Tracker`,
+which only calls its tracker methods; nothing here imports Accelerate. TensorBoard is written by
+tensorboard.py (its run and HParams session named for the member; why not Accelerate's: there).
+Tracking never fails a run: when W&B cannot go online the run is written offline under the run
+directory (`wandb sync RUN_DIR/wandb/offline-run-*` uploads it later), and if that fails too the run
+goes on untracked.
 Processes other than the main one get a NullTracker.
 
 W&B on its own, given an API key, tries to go online and waits out its init timeout (a minute and
@@ -34,6 +36,7 @@ from typing import Any
 
 from mnist_dist.config import TrainConfig
 from mnist_dist.store.provenance import host
+from mnist_dist.track.tensorboard import TensorBoardRun
 from mnist_dist.track.wandb_file import last_logged_epoch
 
 WANDB_URL = "https://api.wandb.ai"
@@ -170,7 +173,7 @@ _told: set[str] = set()  # targets whose unreachable line was said: once per pro
 
 def init_kwargs(cfg: TrainConfig, run_dir: Path, mode: str, run_id: str | None = None) -> dict[str, Any]:
     """Accelerate's init_trackers(init_kwargs=...) for the configured tracker."""
-    if cfg.tracker == "wandb":
+    if "wandb" in cfg.trackers:
         job = os.environ.get("SLURM_JOB_ID")
         kwargs: dict[str, Any] = {
             "dir": str(run_dir),
@@ -183,7 +186,7 @@ def init_kwargs(cfg: TrainConfig, run_dir: Path, mode: str, run_id: str | None =
             # A pack's members are one W&B run each, open side by side in one process; so the config
             # goes to its run here, not through Accelerate (which updates the global wandb.config).
             "reinit": "create_new",
-            "config": tracker_config(cfg),
+            "config": cfg.model_dump(mode="json"),
         }
         if cfg.sweep is not None:  # one W&B group per sweep, one run per member
             kwargs.update(group=cfg.sweep.name, job_type="sweep", name=cfg.name)
@@ -209,11 +212,6 @@ def job_run_id() -> str | None:
     return f"{os.environ.get('SLURM_CLUSTER_NAME', 'slurm')}-{job}"
 
 
-def tracker_config(cfg: TrainConfig) -> dict[str, Any]:
-    # TensorBoard's hparams take only scalars; W&B shows nested sections.
-    return cfg.flat() if cfg.tracker == "tensorboard" else cfg.model_dump(mode="json")
-
-
 def entry_metrics(entry: dict[str, Any]) -> dict[str, Any]:
     """What one history entry sends to the tracker: numbers only, epoch as the x-axis."""
     keys = ("epoch", "phase", "lr", "val_loss", "val_acc", "train_loss", "seconds")
@@ -228,17 +226,32 @@ class Tracker:
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, accelerator: Any, log: Callable[[str], None]) -> None:
         self.cfg, self.run_dir, self.accelerator, self.warn = cfg, run_dir, accelerator, log
-        self.trackers: list[Any] = []
-        self.logged_through = -1  # the last epoch the tracker has
+        self.trackers: list[Any] = []  # Accelerate's: W&B
+        self.board: TensorBoardRun | None = None
+        self.logged_through = -1  # the last epoch W&B has
 
     def start(self, run_id: str | None = None) -> dict[str, Any]:
-        """Start the configured tracker; return what run.json records of it. Never raises."""
-        cfg = self.cfg
-        if cfg.tracker == "none":
-            return {"tracker": "none"}
-        mode, decision, unreachable = "local", {}, None
-        if cfg.tracker == "wandb":
-            mode, decision, unreachable = start_mode(cfg.wandb.mode)
+        """Start the configured trackers; return what run.json records of them. Never raises."""
+        started, failed, info = [], [], {}
+        if "wandb" in self.cfg.trackers:
+            wandb_info = self._start_wandb(run_id)
+            (started if wandb_info.get("tracker") == "wandb" else failed).append("wandb")
+            info.update({k: v for k, v in wandb_info.items() if k not in ("tracker", "tracker_failed")})
+        if "tensorboard" in self.cfg.trackers:
+            try:
+                self.board = TensorBoardRun(self.cfg, self.run_dir)
+                started.append("tensorboard")
+                info["tensorboard"] = str(self.board.dir)
+            except Exception as e:
+                self.warn(f"warning: tensorboard tracker did not start: {e}".splitlines()[0])
+                failed.append("tensorboard")
+        if failed:
+            info["tracker_failed"] = ",".join(failed)
+        return {"tracker": ",".join(started) or "none", **info}
+
+    def _start_wandb(self, run_id: str | None) -> dict[str, Any]:
+        """W&B, through Accelerate, online or offline (see the module's docstring)."""
+        mode, decision, unreachable = start_mode(self.cfg.wandb.mode)
         if unreachable is not None:
             self._say_offline(unreachable)
         for attempt in (mode, "offline") if mode == "online" else (mode,):
@@ -249,21 +262,17 @@ class Tracker:
                 self.logged_through = self._last_logged_epoch(info.get("run_id"))
                 return info
             except Exception as e:
-                self.warn(f"warning: {cfg.tracker} tracker ({attempt}) did not start: {e}".splitlines()[0])
+                self.warn(f"warning: wandb tracker ({attempt}) did not start: {e}".splitlines()[0])
                 decision = {**decision, "mode_reason": f"{attempt} start failed"}
         self.trackers = []
-        return {"tracker": "none", "tracker_failed": cfg.tracker}
+        return {"tracker": "none", "tracker_failed": "wandb"}
 
     def _init(self, mode: str, run_id: str | None) -> None:
         acc = self.accelerator
         acc.trackers = []
-        acc.project_configuration.logging_dir = str(self.run_dir / "tensorboard")  # this run's, in a pack
+        kwargs = init_kwargs(self.cfg, self.run_dir, mode, run_id)  # the config goes to this member's run
         try:
-            acc.init_trackers(
-                self.cfg.wandb.project,
-                config=None if self.cfg.tracker == "wandb" else tracker_config(self.cfg),
-                init_kwargs=init_kwargs(self.cfg, self.run_dir, mode, run_id),
-            )
+            acc.init_trackers(self.cfg.wandb.project, init_kwargs=kwargs)
         finally:
             self.trackers, acc.trackers = acc.trackers, []
 
@@ -273,8 +282,6 @@ class Tracker:
     def _define_metrics(self) -> None:
         """W&B: epoch is the x-axis, and the summary holds the best val_acc and val_loss, so the runs
         table (and a sweep's group) sorts by them rather than by the last value."""
-        if self.cfg.tracker != "wandb":
-            return
         run = self._wandb_run()
         run.define_metric("epoch")
         best = {"val_acc": "max,last", "val_loss": "min,last"}
@@ -292,15 +299,13 @@ class Tracker:
         )
 
     def _info(self, mode: str) -> dict[str, Any]:
-        if self.cfg.tracker != "wandb":
-            return {"tracker": self.cfg.tracker, "dir": str(self.run_dir / "tensorboard")}
         run = self._wandb_run()
         return {"tracker": "wandb", "mode": mode, "run_id": run.id, "dir": str(Path(run.dir).parent)}
 
     def _last_logged_epoch(self, run_id: str | None) -> int:
         """The last epoch this W&B run already has (resumed runs): from its earlier offline files, or
         from the summary an online run resumes with."""
-        if self.cfg.tracker != "wandb" or run_id is None:
+        if run_id is None:
             return -1
         last = last_logged_epoch(self.run_dir, run_id)
         run = self._wandb_run()
@@ -309,19 +314,26 @@ class Tracker:
         return last
 
     def log(self, entry: dict[str, Any]) -> None:
-        """Send a history entry, once: epochs the run already has (before a resume) are skipped."""
-        if not self.trackers or entry["epoch"] <= self.logged_through:
-            return
+        """Send a history entry, once: epochs a tracker already has (before a resume) are skipped."""
         try:
-            for tracker in self.trackers:
-                tracker.log(entry_metrics(entry), step=entry["epoch"])
-            self.logged_through = entry["epoch"]
+            if self.board is not None:
+                self.board.log(entry_metrics(entry), entry["epoch"])
+            if self.trackers and entry["epoch"] > self.logged_through:
+                for tracker in self.trackers:
+                    tracker.log(entry_metrics(entry), step=entry["epoch"])
+                self.logged_through = entry["epoch"]
         except Exception as e:
             self.warn(f"warning: tracker log failed: {e}".splitlines()[0])
 
+    def end(self, status: str) -> None:
+        """How the run ended (run.json's status), for TensorBoard's HParams session."""
+        if self.board is not None:
+            with contextlib.suppress(Exception):
+                self.board.end(status)
+
     def summarize(self, values: dict[str, Any]) -> None:
         """Keys for the run's summary (W&B; the other trackers keep none): how it ended, e.g."""
-        if self.cfg.tracker != "wandb" or not self.trackers:
+        if "wandb" not in self.cfg.trackers or not self.trackers:
             return
         try:
             self._wandb_run().summary.update(values)
@@ -334,6 +346,8 @@ class Tracker:
             with contextlib.suppress(Exception):
                 tracker.finish()
         self.trackers = []
+        if self.board is not None:
+            self.board.close()
 
 
 class NullTracker:
@@ -343,6 +357,8 @@ class NullTracker:
         return {"tracker": None}
 
     def log(self, entry: dict[str, Any]) -> None: ...
+
+    def end(self, status: str) -> None: ...
 
     def summarize(self, values: dict[str, Any]) -> None: ...
 

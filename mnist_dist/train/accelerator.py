@@ -105,7 +105,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
         raise UserError("device 'cuda' was asked for but no GPU is visible; use --device auto or cpu")
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("precision 'fp16' needs a GPU (no fp16 autocast on CPU); use --precision bf16 or no")
-    log_with = [] if cfg.tracker == "none" else [cfg.tracker]
+    log_with = ["wandb"] if "wandb" in cfg.trackers else []  # TensorBoard is written by track/tensorboard.py
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return Accelerator(
@@ -113,9 +113,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path) -> Accelerator:
             cpu=cfg.device == "cpu" or not torch.cuda.is_available(),
             mixed_precision=cfg.precision,
             log_with=log_with,
-            project_config=ProjectConfiguration(
-                project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")
-            ),
+            project_config=ProjectConfiguration(project_dir=str(run_dir)),
         )
 
 

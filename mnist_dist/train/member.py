@@ -128,6 +128,7 @@ class Member:
 
     def end(self, status: str, **facts: Any) -> None:
         self.info.update(status=status, end_time=provenance.now(), **facts)
+        self.tracker.end(status)
         self.note_moves()
         if (self.run_dir / "config.yaml").exists():
             with contextlib.suppress(WriteFault):  # the disk that failed may refuse this too

@@ -203,6 +203,7 @@ class RunState(EarlyTermination):
         plot_all([(member.out, member.history) for member in drawn], usable_cpus())
         for _, member in finished:
             member.info.update(status="completed", end_time=provenance.now())
+            member.tracker.end("completed")
             member.note_moves()
             member.out.write_run_info(member.info)
         self.console.done(seconds, [m.history for _, m in finished if m.history])
