@@ -32,7 +32,10 @@ TRAINING_OPTIONS: dict[str, tuple[Any, str | None]] = {
     "grad_accum": (Annotated[int | None, Opt(help="Micro-batches per optimizer step.")], "grad_accum"),
     "precision": (Annotated[str | None, Opt(help="no | bf16 | fp16.")], "precision"),
     "device": (Annotated[str | None, Opt(help="auto | cpu | cuda.")], "device"),
-    "tracker": (Annotated[str | None, Opt(help="wandb | tensorboard | none.")], "tracker"),
+    "tracker": (
+        Annotated[str | None, Opt(help="wandb | tensorboard | both: wandb,tensorboard | none.")],
+        "tracker",
+    ),
     "data_dir": (
         Annotated[str | None, Opt(help="MNIST data dir (default: $MNIST_DIST_DATA_DIR or ./data).")],
         "data.dir",
