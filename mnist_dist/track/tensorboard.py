@@ -24,11 +24,12 @@ Only the `tensorboard` package is used (no TensorFlow, no torch).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
 import re
-import tempfile
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,30 @@ def _event(summary: Any, step: int = 0) -> Any:
     return event_pb2.Event(wall_time=time.time(), step=step, summary=summary)
 
 
+class EventFile:
+    """One event file, each event written and flushed at once. (TensorBoard's EventFileWriter keeps a
+    thread per file, that is one per member in a pack of up to 1,024 members.)"""
+
+    _made = itertools.count()
+
+    def __init__(self, folder: Path, suffix: str = "", name: str | None = None) -> None:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = f"{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(self._made)}"
+        self.path = folder / (name or f"events.out.tfevents.{stamp}{suffix}")
+        self.records = RecordWriter(open(self.path, "wb"))  # noqa: SIM115 (closed by close())
+        self.add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def add(self, event: Any) -> None:
+        self.records.write(event.SerializeToString())
+        self.records.flush()
+
+    def close(self) -> None:
+        self.records.close()
+
+
 def last_step(folder: Path) -> int:
     """The last epoch a TensorBoard run's files have scalars of (-1: none); a file cut short by a kill
     is read up to where it ends."""
@@ -105,16 +130,13 @@ class TensorBoardRun:
     the best so far, flushed every epoch (a board open on a running sweep sees them), ended once."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
         self.cfg, self.dir = cfg, run_dir / "tensorboard" / label(cfg)
         self.best: dict[str, float] = {}
         self.logged_through = last_step(self.dir)  # a resumed run logs each epoch once
         for stale in self.dir.glob(f"*{END_SUFFIX}"):  # a retried run ends again
             stale.unlink()
-        self.writer = EventFileWriter(str(self.dir))
-        self.writer.add_event(_event(self.session_start()))
-        self.writer.flush()
+        self.events = EventFile(self.dir)
+        self.events.add(_event(self.session_start()))
 
     def session_start(self) -> Any:
         from tensorboard.plugins.hparams import summary_v2
@@ -135,8 +157,7 @@ class TensorBoardRun:
         summary = summary_pb2.Summary(
             value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
         )
-        self.writer.add_event(_event(summary, step))
-        self.writer.flush()
+        self.events.add(_event(summary, step))
 
     def end(self, status: str) -> None:
         """The session's end (status: run.json's), in a file of its own; none for a run that stopped
@@ -144,19 +165,18 @@ class TensorBoardRun:
         if status not in STATUS:
             return
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         info = plugin_data_pb2.SessionEndInfo(
             status=api_pb2.Status.Value(STATUS[status]), end_time_secs=time.time()
         )
         data = plugin_data_pb2.HParamsPluginData(session_end_info=info)
-        end = EventFileWriter(str(self.dir), filename_suffix=END_SUFFIX)
-        end.add_event(_event(_plugin_summary("_hparams_/session_end_info", data)))
+        end = EventFile(self.dir, suffix=END_SUFFIX)
+        end.add(_event(_plugin_summary("_hparams_/session_end_info", data)))
         end.close()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.writer.close()
+            self.events.close()
 
 
 def domain(parameter: dict[str, Any]) -> Any:
@@ -190,14 +210,11 @@ def domain(parameter: dict[str, Any]) -> Any:
 def write_hparams_config(root: Path, parameters: dict[str, dict[str, Any]], seeds: list[int]) -> None:
     """SWEEP_DIR's hparams_config: the swept keys with their domains, seed, and the metrics."""
     from tensorboard.plugins.hparams import summary_v2
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
     seed = parameters.get("seed") or {"values": sorted(set(seeds))}
     hparam_list = [summary_v2.HParam(k, domain(p)) for k, p in {**parameters, "seed": seed}.items()]
     config = summary_v2.hparams_config_pb(hparam_list, [summary_v2.Metric(m) for m in METRICS])
-    with tempfile.TemporaryDirectory(dir=root, prefix=".hparams-config-") as tmp:
-        writer = EventFileWriter(tmp)
-        writer.add_event(_event(config))
-        writer.close()
-        (written,) = Path(tmp).glob("events.out.tfevents.*")
-        os.replace(written, root / CONFIG_FILE)
+    written = EventFile(root, name=f".hparams-config.{os.getpid()}.tmp")
+    written.add(_event(config))
+    written.close()
+    os.replace(written.path, root / CONFIG_FILE)
