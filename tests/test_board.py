@@ -126,7 +126,7 @@ def expected_rows(root: Path) -> dict[str, dict]:
         history, run = load_json(run_dir / "history.json"), load_json(run_dir / "run.json")
         params = next(m["params"] for m in load_json(root / "sweep.json")["members"] if m["id"] == mid)
         status = "done" if run["status"] == "completed" else run["status"]
-        rows[Path(run["tracking"]["tensorboard"]).name] = {
+        rows[f"{Path(run['tracking']['tensorboard']).name} {mid}"] = {  # the Trial ID
             "hparams": params,  # seed among them: it is swept
             "metrics": {
                 "val_acc": f32(history[-1]["val_acc"]),
@@ -159,7 +159,10 @@ def test_the_hparams_view_lists_each_member_by_its_swept_values_with_its_metrics
         got = {m["name"]["tag"]: m["value"] for m in session["metricValues"]}
         assert got == want["metrics"], group["name"]
         assert session["status"] == want["status"], group["name"]
-        assert session["name"].startswith("members/") and session["name"].endswith(group["name"])
+        label, mid = group["name"].split(" ")
+        assert session["name"] == f"members/{mid}/tensorboard/{label}", (
+            "the member's run, named by its values"
+        )
 
 
 def test_the_hparams_table_in_chromium(sweep: Path, tmp_path: Path):
@@ -209,7 +212,7 @@ def test_a_single_run_that_diverges_is_a_failure_session_beside_its_wandb_run(tm
     with board(out) as (base, _):
         _, groups = sessions(base)
     (group,) = groups
-    assert group["name"] == "seed" and group["sessions"][0]["status"] == "STATUS_FAILURE"
+    assert group["name"].startswith("seed ") and group["sessions"][0]["status"] == "STATUS_FAILURE"
     assert group["hparams"] == {
         "seed": 42.0,
         "phases": "1x1e+38",

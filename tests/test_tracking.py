@@ -121,30 +121,55 @@ def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def test_a_resumed_tensorboard_run_logs_each_epoch_once(tmp_path: Path):
-    """After a kill (the last record cut short) the run logs on from the last epoch its files hold,
-    whatever the history replays; a retried run's end is written again."""
+def test_a_run_that_starts_again_writes_its_tensorboard_run_anew_from_its_history(tmp_path: Path):
+    """A resume after a kill (the last record cut short, epoch 2 trained again to other values, as
+    off a CPU) or a retry: the files hold each epoch once, as the history now has it, and one end."""
     from mnist_dist.track.tensorboard import END_SUFFIX, TensorBoardRun
 
     cfg = TrainConfig(tracker="tensorboard")
-    entries = [{"epoch": e, "val_acc": 0.5 + e / 10, "val_loss": 1.0 - e / 10} for e in range(4)]
+
+    def entry(epoch: int, acc: float) -> dict:
+        return {"epoch": epoch, "val_acc": acc, "val_loss": 1.0 - acc}
+
     first = TensorBoardRun(cfg, tmp_path)
-    for entry in entries[:3]:
-        first.log(entry, entry["epoch"])
+    for e, acc in enumerate([0.1, 0.8, 0.85]):
+        first.log(entry(e, acc), e)
     first.end("failed")
-    first.close()
     (events,) = [p for p in first.dir.glob("events.out.tfevents.*") if not p.name.endswith(END_SUFFIX)]
     events.write_bytes(events.read_bytes()[:-5])  # epoch 2's record, cut short by a kill
     again = TensorBoardRun(cfg, tmp_path)
     assert not list(again.dir.glob(f"*{END_SUFFIX}")), "the end of the earlier try is gone"
-    for entry in entries:
-        again.log(entry, entry["epoch"])
+    history = [
+        entry(0, 0.1),
+        entry(1, 0.8),
+        entry(2, 0.75),
+        entry(3, 0.9),
+    ]  # the checkpoint's 0-1, then trained
+    for e in history:
+        again.log(e, e["epoch"])
     again.end("completed")
-    again.close()
     scalars = tensorboard_scalars(again.dir)
-    assert [step for step, _ in scalars["val_acc"]] == [0, 1, 2, 3]
-    assert [v for _, v in scalars["best_val_loss"]] == [f32(1.0 - e / 10) for e in range(4)]
+    assert scalars["val_acc"] == [(e["epoch"], f32(e["val_acc"])) for e in history]
+    assert [v for _, v in scalars["best_val_acc"]] == [f32(v) for v in (0.1, 0.8, 0.8, 0.9)]
     assert len(list(again.dir.glob(f"*{END_SUFFIX}"))) == 1
+
+
+def test_tensorboard_names_tell_runs_apart():
+    """Distinct swept values make distinct TensorBoard runs and Trial IDs (values percent-encoded
+    where they hold a separator or a character a folder name cannot); two single runs of one name in
+    two folders are two Trial IDs, not one row."""
+    from mnist_dist.track.tensorboard import label, trial_id
+
+    def member(value: object) -> TrainConfig:
+        sweep = {"name": "s", "member": "abcdef0123", "params": {"optimizer.name": value, "seed": 1}}
+        return TrainConfig(sweep=sweep)
+
+    labels = [label(member(v)) for v in ("a b", "a/b", "a_b", "x,seed=2", [128, 64])]
+    assert len(set(labels)) == 5 and all("/" not in name for name in labels)
+    assert label(member("sgd")) == "optimizer.name=sgd,seed=1"
+    assert trial_id(member("sgd"), Path("/r/m")) == "optimizer.name=sgd,seed=1 abcdef0123"
+    single = TrainConfig()
+    assert label(single) == "seed" and trial_id(single, Path("/a/seed")) != trial_id(single, Path("/b/seed"))
 
 
 def test_wandb_mode_decision(monkeypatch, tmp_path: Path):

@@ -19,7 +19,14 @@ from typing import Annotated, Any
 import typer
 
 from mnist_dist.cli.exits import dry_run_ends
-from mnist_dist.cli.options import Opt, option_overrides, slurm_options, slurm_options_from, training_options
+from mnist_dist.cli.options import (
+    Opt,
+    check_trackers,
+    option_overrides,
+    slurm_options,
+    slurm_options_from,
+    training_options,
+)
 from mnist_dist.errors import ExitCode, UserError
 
 sweep_app = typer.Typer(
@@ -39,6 +46,7 @@ def load_members(spec_path: Path, opts: dict[str, Any], confirm: bool) -> tuple[
     spec, root, build = load_spec(spec_path, opts, confirm)
     found = build(None)
     probe = found[0] if found else build([{}])[0]  # the base config: a bayes sweep's members come later
+    check_trackers(probe.cfg)
     check_bands(spec, max(m.cfg.total_epochs for m in found or [probe]))
     return spec, root, build, found, probe
 

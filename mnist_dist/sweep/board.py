@@ -10,7 +10,9 @@ here and said ready only once it answers: the URL printed is one that serves.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import importlib.util
 import signal
 import socket
 import subprocess
@@ -24,12 +26,17 @@ from pathlib import Path
 from mnist_dist.errors import UserError
 from mnist_dist.sweep.layout import SweepDir
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 READY_SECONDS = 60.0  # TensorBoard answers within seconds; a slow disk or a large sweep takes longer
 TRAIN_WITH = "train with --tracker tensorboard (or wandb,tensorboard, to have both)"
+INSTALL = "pip install 'mnist-dist[tensorboard]' (bash launch/setup.sh installs it)"
 
 
 def check_dir(root: Path) -> None:
-    """UserError unless root holds TensorBoard files (a sweep's hparams config or any run's events)."""
+    """UserError unless TensorBoard is installed and root holds its files (a sweep's hparams config or
+    any run's events)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(f"TensorBoard is not installed; {INSTALL}")
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; pass a sweep dir (runs/sweeps/<name>) or a run dir")
     if (root / "events.out.tfevents.0.hparams-config").is_file():
@@ -69,6 +76,12 @@ def _stop(signum: int, frame: object) -> None:
     raise SystemExit(0)  # through serve's `finally`, so TensorBoard stops with the board
 
 
+def _die_with_parent() -> None:
+    """In TensorBoard's process before it starts: SIGTERM when the board dies, even by SIGKILL."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def serve(root: Path, host: str, port: int, say: Callable[[str], object] = print) -> int:
     """Run TensorBoard on root until it exits or the board is stopped (Ctrl-C, SIGTERM, SIGHUP); say its
     URL once it serves. Returns TensorBoard's exit code."""
@@ -81,7 +94,9 @@ def serve(root: Path, host: str, port: int, say: Callable[[str], object] = print
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop)
     with tempfile.TemporaryFile("w+") as log:
-        board = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+        board = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent
+        )
         try:
             deadline = time.monotonic() + READY_SECONDS
             while not _answers(url):

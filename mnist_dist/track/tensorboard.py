@@ -11,9 +11,11 @@ else the run's name. Hparams: a member's swept keys and its seed; a single run's
 val_acc and val_loss, and the best of each so far, every epoch; the table shows each one's last value.
 
 The session's status is TensorBoard's: a finished run is Success, a failed one (its loss diverged)
-Failure; one that early termination stopped, or one interrupted that will resume, is Unknown (there is
-no other status; its `epoch` column says where it stopped). TensorBoard keeps the first status a run
-records, so the end is written once, in a file of its own, which a retried run removes first.
+Failure, one that early termination stopped Unknown (TensorBoard has no status for it; its `epoch`
+column says where it stopped). A run still training, or stopped to be resumed, has no end yet, and
+so is Unknown too: TensorBoard keeps the first status a run records, so a Running written at the start
+would stay. The end is written once, in a file of its own. Each time a run starts (a resume, a
+requeue, a move to another pack, a retry) its TensorBoard run is written anew from its history.
 
 Why not Accelerate's TensorBoard tracker: it names the TensorBoard run after the W&B project and writes
 the hparams (every config key, nearly all constant) with no metric into a timestamped run of their own,
@@ -23,18 +25,20 @@ Only the `tensorboard` package is used (no TensorFlow, no torch).
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import io
 import itertools
 import json
 import math
 import os
-import re
 import socket
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from mnist_dist.config import TrainConfig
+from mnist_dist.store.atomic import write_atomic
 
 METRICS = ("val_acc", "val_loss", "best_val_acc", "best_val_loss", "epoch")
 END_SUFFIX = ".session-end"
@@ -42,6 +46,7 @@ CONFIG_FILE = "events.out.tfevents.0.hparams-config"
 # run.json's status of a run that ended -> TensorBoard's; a stopped run (to be resumed) has no end.
 STATUS = {"completed": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "terminated": "STATUS_UNKNOWN"}
 Scalar = bool | int | float | str
+SAFE = "._+-"  # kept as they are in a label's keys and values; the rest percent-encoded
 
 
 def hparam_value(value: Any) -> Scalar:
@@ -64,12 +69,25 @@ def hparams(cfg: TrainConfig) -> dict[str, Scalar]:
 
 
 def label(cfg: TrainConfig) -> str:
-    """The TensorBoard run's name (a folder): a member's swept values, else the run's name."""
+    """The TensorBoard run's name (a folder): a member's swept values (`phases.0.lr=0.5,seed=1`; in a
+    value, what is not a letter, digit or `._+-` percent-encoded, so that distinct values stay
+    distinct), else the run's name."""
     if cfg.sweep is None or not cfg.sweep.params:
         return cfg.name
-    text = ",".join(f"{k}={hparam_value(v)}" for k, v in cfg.sweep.params.items())
-    text = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
-    return text if len(text) <= 120 else f"{text[:109]}-{cfg.sweep.member}"[:120]
+    text = ",".join(
+        f"{quote(k, safe=SAFE)}={quote(str(hparam_value(v)), safe=SAFE)}" for k, v in cfg.sweep.params.items()
+    )
+    return text if len(text) <= 120 else f"{text[:109]}-{cfg.sweep.member}"
+
+
+def trial_id(cfg: TrainConfig, run_dir: Path) -> str:
+    """The session's group, the HParams table's Trial ID: its label and what tells it from any other
+    run with that label (a member's id; a single run's folder, by a digest of its path). TensorBoard
+    makes one row of the sessions of one group."""
+    if cfg.sweep is not None:
+        return f"{label(cfg)} {cfg.sweep.member}"
+    digest = hashlib.sha256(str(run_dir.absolute()).encode()).hexdigest()[:8]
+    return f"{label(cfg)} {digest}"
 
 
 def _plugin_summary(tag: str, data: Any) -> Any:
@@ -88,41 +106,38 @@ def _event(summary: Any, step: int = 0) -> Any:
 
 
 class EventFile:
-    """One event file, each event written and flushed at once. (TensorBoard's EventFileWriter keeps a
-    thread per file, that is one per member in a pack of up to 1,024 members.)"""
+    """One event file, each event appended at once, the file open only while it is written: a pack of
+    1,024 members keeps no file open for them (TensorBoard's EventFileWriter keeps a file and a
+    thread per writer)."""
 
     _made = itertools.count()
 
-    def __init__(self, folder: Path, suffix: str = "", name: str | None = None) -> None:
-        from tensorboard.compat.proto import event_pb2
-        from tensorboard.summary.writer.record_writer import RecordWriter
-
+    def __init__(self, folder: Path, suffix: str = "") -> None:
         folder.mkdir(parents=True, exist_ok=True)
         stamp = f"{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(self._made)}"
-        self.path = folder / (name or f"events.out.tfevents.{stamp}{suffix}")
-        self.records = RecordWriter(open(self.path, "wb"))  # noqa: SIM115 (closed by close())
-        self.add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.path = folder / f"events.out.tfevents.{stamp}{suffix}"
+        self.path.write_bytes(records(_version()))
 
     def add(self, event: Any) -> None:
-        self.records.write(event.SerializeToString())
-        self.records.flush()
-
-    def close(self) -> None:
-        self.records.close()
+        with self.path.open("ab") as f:
+            f.write(records(event))
 
 
-def last_step(folder: Path) -> int:
-    """The last epoch a TensorBoard run's files have scalars of (-1: none); a file cut short by a kill
-    is read up to where it ends."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+def _version() -> Any:
+    from tensorboard.compat.proto import event_pb2
 
-    last = -1
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        with contextlib.suppress(Exception):
-            for event in EventFileLoader(str(path)).Load():
-                if any(v.tag == "val_acc" for v in event.summary.value):
-                    last = max(last, event.step)
-    return last
+    return event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+
+
+def records(*events: Any) -> bytes:
+    """The events in TensorBoard's record format (length, CRCs, data)."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    out = io.BytesIO()
+    writer = RecordWriter(out)
+    for event in events:
+        writer.write(event.SerializeToString())
+    return out.getvalue()
 
 
 class TensorBoardRun:
@@ -130,10 +145,12 @@ class TensorBoardRun:
     the best so far, flushed every epoch (a board open on a running sweep sees them), ended once."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path) -> None:
-        self.cfg, self.dir = cfg, run_dir / "tensorboard" / label(cfg)
+        """The TensorBoard run starts anew each time its run starts (a resume, a requeue, a move to
+        another pack, a retry), an earlier try's files removed: the run then logs its history from
+        epoch 0, so the files hold each epoch once, as history.json has it."""
+        self.cfg, self.run_dir, self.dir = cfg, run_dir, run_dir / "tensorboard" / label(cfg)
         self.best: dict[str, float] = {}
-        self.logged_through = last_step(self.dir)  # a resumed run logs each epoch once
-        for stale in self.dir.glob(f"*{END_SUFFIX}"):  # a retried run ends again
+        for stale in self.dir.glob("events.out.tfevents.*"):
             stale.unlink()
         self.events = EventFile(self.dir)
         self.events.add(_event(self.session_start()))
@@ -141,7 +158,7 @@ class TensorBoardRun:
     def session_start(self) -> Any:
         from tensorboard.plugins.hparams import summary_v2
 
-        return summary_v2.hparams_pb(hparams(self.cfg), trial_id=label(self.cfg))
+        return summary_v2.hparams_pb(hparams(self.cfg), trial_id=trial_id(self.cfg, self.run_dir))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         from tensorboard.compat.proto import summary_pb2
@@ -150,9 +167,6 @@ class TensorBoardRun:
             value = metrics.get(name)
             if value is not None and math.isfinite(value):
                 self.best[name] = better(self.best.get(name, value), value)
-        if step <= self.logged_through:
-            return
-        self.logged_through = step
         values = {**metrics, **{f"best_{k}": v for k, v in self.best.items()}}
         summary = summary_pb2.Summary(
             value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()]
@@ -170,13 +184,12 @@ class TensorBoardRun:
             status=api_pb2.Status.Value(STATUS[status]), end_time_secs=time.time()
         )
         data = plugin_data_pb2.HParamsPluginData(session_end_info=info)
-        end = EventFile(self.dir, suffix=END_SUFFIX)
-        end.add(_event(_plugin_summary("_hparams_/session_end_info", data)))
-        end.close()
+        EventFile(self.dir, suffix=END_SUFFIX).add(
+            _event(_plugin_summary("_hparams_/session_end_info", data))
+        )
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.events.close()
+        """Nothing is kept open (EventFile)."""
 
 
 def domain(parameter: dict[str, Any]) -> Any:
@@ -214,7 +227,4 @@ def write_hparams_config(root: Path, parameters: dict[str, dict[str, Any]], seed
     seed = parameters.get("seed") or {"values": sorted(set(seeds))}
     hparam_list = [summary_v2.HParam(k, domain(p)) for k, p in {**parameters, "seed": seed}.items()]
     config = summary_v2.hparams_config_pb(hparam_list, [summary_v2.Metric(m) for m in METRICS])
-    written = EventFile(root, name=f".hparams-config.{os.getpid()}.tmp")
-    written.add(_event(config))
-    written.close()
-    os.replace(written.path, root / CONFIG_FILE)
+    write_atomic(root / CONFIG_FILE, records(_version(), _event(config)))

@@ -315,15 +315,19 @@ class Tracker:
 
     def log(self, entry: dict[str, Any]) -> None:
         """Send a history entry, once: epochs a tracker already has (before a resume) are skipped."""
-        try:
-            if self.board is not None:
-                self.board.log(entry_metrics(entry), entry["epoch"])
-            if self.trackers and entry["epoch"] > self.logged_through:
+        metrics = entry_metrics(entry)
+        if self.board is not None:
+            try:
+                self.board.log(metrics, entry["epoch"])
+            except Exception as e:
+                self.warn(f"warning: tensorboard log failed: {e}".splitlines()[0])
+        if self.trackers and entry["epoch"] > self.logged_through:
+            try:
                 for tracker in self.trackers:
-                    tracker.log(entry_metrics(entry), step=entry["epoch"])
+                    tracker.log(metrics, step=entry["epoch"])
                 self.logged_through = entry["epoch"]
-        except Exception as e:
-            self.warn(f"warning: tracker log failed: {e}".splitlines()[0])
+            except Exception as e:
+                self.warn(f"warning: tracker log failed: {e}".splitlines()[0])
 
     def end(self, status: str) -> None:
         """How the run ended (run.json's status), for TensorBoard's HParams session."""
