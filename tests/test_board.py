@@ -232,15 +232,16 @@ def running(pid: str) -> bool:
 
 
 def test_the_board_stops_tensorboard_with_it_and_refuses_a_port_in_use(sweep: Path):
-    with board(sweep) as (_, proc):
-        children = (Path(f"/proc/{proc.pid}/task/{proc.pid}/children")).read_text().split()
-        assert children, "TensorBoard runs under the board"
-        os.kill(proc.pid, signal.SIGTERM)  # the board alone, not its group
-        assert proc.wait(30) == 0
-        deadline = time.monotonic() + 15
-        while alive := [c for c in children if running(c)]:
-            assert time.monotonic() < deadline, f"TensorBoard ({alive}) outlived the board"
-            time.sleep(0.1)
+    for how, code in ((signal.SIGTERM, 0), (signal.SIGKILL, -signal.SIGKILL)):
+        with board(sweep) as (_, proc):
+            children = (Path(f"/proc/{proc.pid}/task/{proc.pid}/children")).read_text().split()
+            assert children, "TensorBoard runs under the board"
+            os.kill(proc.pid, how)  # the board alone, not its group
+            assert proc.wait(30) == code
+            deadline = time.monotonic() + 15
+            while alive := [c for c in children if running(c)]:
+                assert time.monotonic() < deadline, f"TensorBoard ({alive}) outlived the board ({how.name})"
+                time.sleep(0.1)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
