@@ -27,6 +27,7 @@ from mnist_dist.errors import UserError
 from mnist_dist.sweep.layout import SweepDir
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WILDCARDS = ("0.0.0.0", "::")  # every interface
 READY_SECONDS = 60.0  # TensorBoard answers within seconds; a slow disk or a large sweep takes longer
 TRAIN_WITH = "train with --tracker tensorboard (or wandb,tensorboard, to have both)"
 INSTALL = "pip install 'mnist-dist[tensorboard]' (bash launch/setup.sh installs it)"
@@ -62,6 +63,13 @@ def free_port(host: str, port: int) -> int:
         return s.getsockname()[1]
 
 
+def _shown(host: str) -> str:
+    """The host as a browser elsewhere reaches it: this machine's name for a wildcard address."""
+    if host in WILDCARDS:
+        return socket.gethostname()
+    return f"[{host}]" if ":" in host else host
+
+
 def _answers(url: str) -> bool:
     with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as reply:
         return reply.status == 200
@@ -89,8 +97,8 @@ def serve(root: Path, host: str, port: int, say: Callable[[str], object] = print
     port = free_port(host, port)
     command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(root), "--host", host]
     command += ["--port", str(port), "--reload_interval", "5"]
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/"
+    url = f"http://{_shown(host)}:{port}/"
+    probe = url if host not in WILDCARDS else f"http://127.0.0.1:{port}/"
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop)
     with tempfile.TemporaryFile("w+") as log:
@@ -99,7 +107,7 @@ def serve(root: Path, host: str, port: int, say: Callable[[str], object] = print
         )
         try:
             deadline = time.monotonic() + READY_SECONDS
-            while not _answers(url):
+            while not _answers(probe):
                 if board.poll() is not None:
                     log.seek(0)
                     last = log.read().strip().splitlines() or ["no output"]
