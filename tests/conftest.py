@@ -6,6 +6,7 @@ import json
 import os
 import re
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,25 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600,
         env=env or env_with(),
         cwd=cwd,
     )
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`mnist-dist ARGS` started as a terminal starts it, in a process group of its own (a test can
+    stop the whole group), its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mnist_dist.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or env_with(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def f32(x: float) -> float:
+    """x as float32 holds it (a TensorBoard scalar)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def free_port() -> int:

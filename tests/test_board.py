@@ -13,9 +13,7 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, load_json, metric_entries, ok, run_cli, sweep_members
+from conftest import f32, load_json, metric_entries, ok, run_cli, start_cli, sweep_members
 
 PHASES = ["--phases", "1x0.5,2x0.1"]  # bands 1 (and 3, the last epoch)
 SPEC = """name: board
@@ -60,11 +58,6 @@ TABLE_CELLS = """() => {
 }"""
 
 
-def f32(x: float) -> float:
-    """x as TensorBoard stores a scalar (float32)."""
-    return struct.unpack("f", struct.pack("f", x))[0]
-
-
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> Path:
     where = tmp_path_factory.mktemp("board")
@@ -79,15 +72,7 @@ def sweep(tmp_path_factory: pytest.TempPathFactory, data_env: dict) -> Path:
 @contextmanager
 def board(target: Path, env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
     """`mnist-dist sweep board TARGET --port 0` as a user starts it: (the URL it printed, the process)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_dist.cli", "sweep", "board", str(target), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    proc = start_cli("sweep", "board", target, "--port", "0", env=env)
     try:
         line = proc.stdout.readline()
         assert "http://" in line, f"no URL: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"

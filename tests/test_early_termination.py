@@ -27,6 +27,7 @@ from conftest import (
     ok,
     pack_processes,
     run_cli,
+    start_cli,
     stopped_members,
     sweep_members,
 )
@@ -170,17 +171,7 @@ def test_a_pack_that_does_not_arrive_at_a_band_is_a_fault_and_the_rerun_resumes(
         GRID.replace("  phases.1.lr: {values: [0.1, 0.5]}\n", "").replace("[0, 1]", "[0]") + EARLY
     )
     root, short = tmp_path / "two", ["--phases", "1x0.5,1x0.1"]
-    command = [sys.executable, "-m", "mnist_dist.cli", *_args(spec, root, *short)]
-    env = {**data_env, "MNIST_DIST_BAND_TIMEOUT": "2"}
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    proc = start_cli(*_args(spec, root, *short), env={**data_env, "MNIST_DIST_BAND_TIMEOUT": "2"})
     deadline = time.monotonic() + 120
     while len(packs := pack_processes(root)) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "the packs did not start"

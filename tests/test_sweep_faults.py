@@ -11,14 +11,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import (
-    ROOT,
     SWEEP_PHASES,
     load_json,
     mount_tmpfs,
@@ -26,6 +24,7 @@ from conftest import (
     pack_processes,
     run_cli,
     run_history,
+    start_cli,
     sweep_file,
 )
 
@@ -36,16 +35,7 @@ def _args(spec: Path, root: Path, *extra: str) -> list[str]:
 
 def _start(spec: Path, root: Path, env: dict, *extra: str) -> subprocess.Popen:
     """`sweep run` as a terminal starts it: a process group of its own."""
-    command = [sys.executable, "-m", "mnist_dist.cli", *_args(spec, root, *extra)]
-    return subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    return start_cli(*_args(spec, root, *extra), env=env)
 
 
 def _until(check, proc: subprocess.Popen | None = None, timeout: float = 300):

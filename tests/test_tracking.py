@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import struct
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from mnist_dist.store.provenance import host
 from mnist_dist.track import trackers as tracking
 from mnist_dist.track import wandb_file
 
-from conftest import ROOT, env_with, load_json, ok, run_cli
+from conftest import ROOT, env_with, f32, load_json, ok, run_cli
 
 
 def test_wandb_offline_run_is_written_and_read_back(tmp_path: Path, mnist_dir: Path):
@@ -107,10 +106,6 @@ def test_tensorboard_tracker_writes_events(tmp_path: Path, mnist_dir: Path):
     assert [v for _, v in scalars["val_acc"]] == [f32(e["val_acc"]) for e in history]
     best = [max(e["val_acc"] for e in history[: i + 1]) for i in range(len(history))]
     assert [v for _, v in scalars["best_val_acc"]] == [f32(v) for v in best]
-
-
-def f32(x: float) -> float:
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -3,14 +3,12 @@ to its config key, and turned into the validated config (or the plain overrides 
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from mnist_dist.errors import UserError
 from mnist_dist.store.datafiles import SOURCES
 
 Opt = typer.Option
@@ -102,11 +100,10 @@ def config_from_options(opts: dict[str, Any]) -> Any:
 def check_trackers(cfg: Any) -> None:
     """UserError when a tracker asked for is not installed (TensorBoard is optional), before anything
     trains: else each member of each pack would say so in a warning."""
-    if "tensorboard" in cfg.trackers and importlib.util.find_spec("tensorboard") is None:
-        raise UserError(
-            f"tracker {cfg.tracker!r}: TensorBoard is not installed; pip install 'mnist-dist[tensorboard]' "
-            "(bash launch/setup.sh installs it), or use --tracker wandb or none"
-        )
+    if "tensorboard" in cfg.trackers:
+        from mnist_dist.track import tensorboard
+
+        tensorboard.require(f"tracker {cfg.tracker!r}: ", ", or use --tracker wandb or none")
 
 
 # The Slurm options `submit` and `sweep submit` share: name -> annotation (default None or False).

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import importlib.util
 import signal
 import socket
 import subprocess
@@ -25,22 +24,21 @@ from pathlib import Path
 
 from mnist_dist.errors import UserError
 from mnist_dist.sweep.layout import SweepDir
+from mnist_dist.track import tensorboard
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WILDCARDS = ("0.0.0.0", "::")  # every interface
 READY_SECONDS = 60.0  # TensorBoard answers within seconds; a slow disk or a large sweep takes longer
 TRAIN_WITH = "train with --tracker tensorboard (or wandb,tensorboard, to have both)"
-INSTALL = "pip install 'mnist-dist[tensorboard]' (bash launch/setup.sh installs it)"
 
 
 def check_dir(root: Path) -> None:
     """UserError unless TensorBoard is installed and root holds its files (a sweep's hparams config or
     any run's events)."""
-    if importlib.util.find_spec("tensorboard") is None:
-        raise UserError(f"TensorBoard is not installed; {INSTALL}")
+    tensorboard.require("")
     if not root.is_dir():
         raise UserError(f"{root} is not a directory; pass a sweep dir (runs/sweeps/<name>) or a run dir")
-    if (root / "events.out.tfevents.0.hparams-config").is_file():
+    if (root / tensorboard.CONFIG_FILE).is_file():
         return
     if next(root.glob("**/events.out.tfevents.*"), None) is None:
         what = "the sweep" if SweepDir(root).manifest.is_file() else "its runs"

@@ -26,6 +26,7 @@ Only the `tensorboard` package is used (no TensorFlow, no torch).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import itertools
 import json
@@ -38,6 +39,7 @@ from typing import Any
 from urllib.parse import quote
 
 from mnist_dist.config import TrainConfig
+from mnist_dist.errors import UserError
 from mnist_dist.store.atomic import write_atomic
 
 METRICS = ("val_acc", "val_loss", "best_val_acc", "best_val_loss", "epoch")
@@ -46,7 +48,14 @@ CONFIG_FILE = "events.out.tfevents.0.hparams-config"
 # run.json's status of a run that ended -> TensorBoard's; a stopped run (to be resumed) has no end.
 STATUS = {"completed": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "terminated": "STATUS_UNKNOWN"}
 Scalar = bool | int | float | str
+INSTALL = "pip install 'mnist-dist[tensorboard]' (bash launch/setup.sh installs it)"
 SAFE = "._+-"  # kept as they are in a label's keys and values; the rest percent-encoded
+
+
+def require(what: str, otherwise: str = "") -> None:
+    """UserError naming `what` when the tensorboard package is not installed (it is optional)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise UserError(f"{what}TensorBoard is not installed; {INSTALL}{otherwise}")
 
 
 def hparam_value(value: Any) -> Scalar:
@@ -187,9 +196,6 @@ class TensorBoardRun:
         EventFile(self.dir, suffix=END_SUFFIX).add(
             _event(_plugin_summary("_hparams_/session_end_info", data))
         )
-
-    def close(self) -> None:
-        """Nothing is kept open (EventFile)."""
 
 
 def domain(parameter: dict[str, Any]) -> Any:

@@ -350,8 +350,6 @@ class Tracker:
             with contextlib.suppress(Exception):
                 tracker.finish()
         self.trackers = []
-        if self.board is not None:
-            self.board.close()
 
 
 class NullTracker:
